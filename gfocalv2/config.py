@@ -1,0 +1,44 @@
+"""Config keys of gfocalv2, with the defaults of the authors' GFocalV2 (R-50, COCO)."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_gfocalv2_config"]
+
+
+def add_gfocalv2_config(cfg):
+    """Add the ``MODEL.GFOCAL`` node to a Detectron2 config, in place, and return it.
+
+    The defaults are the reference implementation's; ``configs/Base-GFocalV2.yaml``
+    sets the Detectron2 keys (backbone, input, solver) that the reference also fixes.
+    Calling it twice is harmless.
+    """
+    if "GFOCAL" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.GFOCAL = g = CN()
+    g.NUM_CLASSES = 80
+    # Backbone features fed to the head, from the finest to the coarsest level.
+    g.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Shared towers: NUM_CONVS x [conv3x3 + NORM + ReLU] for classification and regression.
+    g.NUM_CONVS = 4
+    g.NORM = "GN"  # "GN" (32 groups, the reference), "" (conv with bias), or any Detectron2 norm
+    g.PRIOR_PROB = 0.01
+    # General distribution of each box side over {0, 1, ..., REG_MAX} (in stride units).
+    g.REG_MAX = 16
+    # Distribution-guided quality predictor (GFLV2). False gives GFLV1: the classification
+    # branch then predicts the joint (class x IoU-quality) score by itself.
+    g.DGQP_ENABLED = True
+    g.DGQP_TOPK = 4
+    g.DGQP_ADD_MEAN = True
+    g.DGQP_CHANNELS = 64
+    # ATSS: candidates per pyramid level for each ground-truth box.
+    g.ATSS_TOPK = 9
+    # Losses.
+    g.QFL_BETA = 2.0
+    g.QFL_WEIGHT = 1.0
+    g.DFL_WEIGHT = 0.25
+    g.GIOU_WEIGHT = 2.0
+    # Inference.
+    g.SCORE_THRESH_TEST = 0.05
+    g.TOPK_CANDIDATES_TEST = 1000  # per level, by max class score
+    g.NMS_THRESH_TEST = 0.6  # class-wise
+    g.DETECTIONS_PER_IMAGE = 100
+    return cfg

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""gfocalv2: Generalized Focal Loss V2 (and V1) as a Detectron2 project extension."""
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(here, "gfocalv2", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("gfocalv2/__init__.py has no __version__")
+
+
+setup(
+    name="gfocalv2",
+    version=read_version(),
+    description="GFocalV2 / GFL dense object detectors for Detectron2",
+    long_description=open(os.path.join(here, "README.md")).read() if os.path.exists(os.path.join(here, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gfocalv2", "gfocalv2.*"]),
+    package_data={"gfocalv2": ["model_zoo/configs/**/*.yaml"]},
+    python_requires=">=3.8",
+    # Detectron2 itself is not declared: PyPI has no installable 'detectron2'
+    # distribution, and users often build it from source. tools/install_detectron2.py
+    # (run by `make install`) provides one when none is installed.
+    install_requires=[
+        "torch>=1.10",
+        "torchvision>=0.11",
+        "fvcore>=0.1.5",
+        "pycocotools>=2.0.2",
+        "numpy",
+        "Pillow",
+        "opencv-python-headless",
+        "matplotlib",
+    ],
+    extras_require={
+        "export": ["onnx", "onnxruntime"],
+        "demo": ["scikit-learn"],
+        "test": ["pytest", "scikit-learn", "onnx", "onnxruntime"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gfocalv2-demo=gfocalv2.demo:main",
+            "gfocalv2-convert=gfocalv2.convert:main",
+            "gfocalv2-benchmark=gfocalv2.benchmark:main",
+            "gfocalv2-export=gfocalv2.export:main",
+        ]
+    },
+    license="Apache-2.0",
+)

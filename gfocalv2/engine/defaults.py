@@ -1,0 +1,129 @@
+"""The Detectron2 training workflow for GFocalV2: config setup, argument parser, Trainer."""
+import logging
+import os
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
+from detectron2.evaluation import COCOEvaluator
+
+from ..config import add_gfocalv2_config
+from .datasets import add_workflow_config, check_datasets_registered, get_thing_classes, register_coco_datasets
+
+__all__ = ["Trainer", "workflow_argument_parser", "build_cfg", "setup_cfg"]
+
+logger = logging.getLogger(__name__)
+
+
+def workflow_argument_parser(epilog=None):
+    """Detectron2's ``default_argument_parser`` plus ``--register-coco NAME JSON IMAGE_DIR``.
+
+    Trailing ``KEY VALUE`` config overrides must come last (after all ``--flags``).
+    """
+    parser = default_argument_parser(epilog=epilog)
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_DIR"),
+        help="register a COCO-format dataset (json annotations + image folder) under NAME, "
+        "usable in DATASETS.TRAIN/TEST; repeatable. Same as the config key DATASETS.REGISTER_COCO.",
+    )
+    return parser
+
+
+def _fall_back_to_cpu(cfg):
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE is %r but CUDA is not available: using MODEL.DEVICE cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+
+
+def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
+    """A GFocalV2 config: Detectron2 defaults + ``MODEL.GFOCAL`` + ``DATASETS.REGISTER_COCO``,
+    then ``config_file``, then ``opts`` (``[KEY, VALUE, ...]``), then ``register_coco`` triples.
+
+    Registers the datasets of ``DATASETS.REGISTER_COCO``. Falls back to ``MODEL.DEVICE cpu``
+    (with a warning) when CUDA is requested but unavailable. No logging/output-dir setup:
+    :func:`setup_cfg` does that for training scripts.
+    """
+    cfg = get_cfg()
+    add_gfocalv2_config(cfg)
+    add_workflow_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--config-file {config_file} does not exist")
+        cfg.merge_from_file(config_file)
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number of items: {list(opts)}")
+        cfg.merge_from_list(list(opts))
+    if register_coco:
+        cfg.DATASETS.REGISTER_COCO = [list(e) for e in cfg.DATASETS.REGISTER_COCO] + [list(e) for e in register_coco]
+    _fall_back_to_cpu(cfg)
+    if freeze:
+        cfg.freeze()
+    register_coco_datasets(cfg.DATASETS.REGISTER_COCO)
+    return cfg
+
+
+def setup_cfg(args, freeze=True):
+    """Config + Detectron2's ``default_setup`` (logger, OUTPUT_DIR/config.yaml, env info, seeds)
+    from parsed :func:`workflow_argument_parser` arguments."""
+    cfg = build_cfg(
+        args.config_file, args.opts, getattr(args, "register_coco", None) or (), freeze=freeze
+    )
+    default_setup(cfg, args)
+    return cfg
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with COCO evaluation and a class-count check.
+
+    Everything else (SGD with warm-up + step schedule, periodic checkpoints to
+    ``OUTPUT_DIR``, evaluation every ``TEST.EVAL_PERIOD`` and after the last iteration,
+    ``metrics.json`` + TensorBoard events + console log with ETA, ``resume_or_load``) is
+    Detectron2's.
+    """
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+            if len(cfg.DATASETS.TEST) > 1:
+                output_folder = os.path.join(output_folder, dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        check_datasets_registered(cfg)
+        loader = super().build_train_loader(cfg)
+        for name in cfg.DATASETS.TRAIN:  # thing_classes are known once the json is loaded
+            check_num_classes(cfg, name)
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_datasets_registered(cfg)
+        loader = super().build_test_loader(cfg, dataset_name)
+        check_num_classes(cfg, dataset_name)
+        return loader
+
+
+def check_num_classes(cfg, dataset_name):
+    """Error if the dataset has more classes than MODEL.GFOCAL.NUM_CLASSES; warn if fewer."""
+    classes = get_thing_classes(dataset_name)
+    if classes is None:
+        return
+    n = cfg.MODEL.GFOCAL.NUM_CLASSES
+    if len(classes) > n:
+        raise ValueError(
+            f"Dataset {dataset_name!r} has {len(classes)} classes but MODEL.GFOCAL.NUM_CLASSES is {n}; "
+            f"set MODEL.GFOCAL.NUM_CLASSES {len(classes)}"
+        )
+    if len(classes) < n:
+        logger.warning(
+            "Dataset %r has %d classes but MODEL.GFOCAL.NUM_CLASSES is %d (the extra outputs are never positive)",
+            dataset_name, len(classes), n,
+        )

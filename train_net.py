@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Train or evaluate GFocalV2 / GFL with Detectron2.
+
+    # train (COCO files under $DETECTRON2_DATASETS, default ./datasets/coco)
+    python train_net.py --config-file configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml --num-gpus 8
+    # on a CPU-only machine (chosen automatically when CUDA is unavailable)
+    python train_net.py --config-file ... MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 2
+    # resume from OUTPUT_DIR/last_checkpoint
+    python train_net.py --config-file ... --resume
+    # evaluate a checkpoint
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    # your own COCO-format data, no code
+    python train_net.py --config-file ... --register-coco my_train train.json images/ \\
+        --register-coco my_val val.json images/ \\
+        DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)" MODEL.GFOCAL.NUM_CLASSES 3
+
+Trailing ``KEY VALUE`` pairs override the config; they must come after all ``--flags``.
+"""
+import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFocalV2)
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main():
+    args = workflow_argument_parser(epilog=__doc__).parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()

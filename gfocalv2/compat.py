@@ -87,10 +87,8 @@ def _restore_pillow_linear():
 def _restore_numpy_aliases():
     import numpy as np
 
-    for name, builtin in (("bool", bool), ("int", int), ("float", float), ("complex", complex), ("object", object), ("str", str)):
-        try:
-            getattr(np, name)
-        except AttributeError:
+    for name, builtin in (("bool", bool), ("int", int), ("float", float), ("complex", complex)):
+        if not hasattr(np, name):
             setattr(np, name, builtin)
             COMPAT_STATE["patches"].append(f"numpy.{name}")
 

@@ -1,0 +1,36 @@
+"""Backbones of gfocalv2: ResNet/ResNeXt (optionally deformable, no compiled ops), Res2Net v1d, FPN.
+
+Registered in Detectron2's ``BACKBONE_REGISTRY``: ``build_gfocal_resnet_fpn_backbone``
+(fpn.py) and ``build_gfocal_res2net_fpn_backbone`` (res2net.py).
+"""
+from .resnet import (
+    DeformBottleneckBlock,
+    DeformConv2d,
+    EvalBatchNorm2d,
+    build_gfocal_resnet_backbone,
+    resolve_norm,
+)
+from .fpn import LastLevelP6P7FromP5, build_gfocal_fpn, build_gfocal_resnet_fpn_backbone
+from .res2net import (
+    Bottle2neckBlock,
+    DeepStem,
+    add_res2net_config,
+    build_gfocal_res2net_backbone,
+    build_gfocal_res2net_fpn_backbone,
+)
+
+__all__ = [
+    "DeformBottleneckBlock",
+    "DeformConv2d",
+    "EvalBatchNorm2d",
+    "build_gfocal_resnet_backbone",
+    "resolve_norm",
+    "LastLevelP6P7FromP5",
+    "build_gfocal_fpn",
+    "build_gfocal_resnet_fpn_backbone",
+    "Bottle2neckBlock",
+    "DeepStem",
+    "add_res2net_config",
+    "build_gfocal_res2net_backbone",
+    "build_gfocal_res2net_fpn_backbone",
+]

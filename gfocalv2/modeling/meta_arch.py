@@ -1,0 +1,287 @@
+"""The GFocalV2 meta-architecture (GFLV1 when the DGQP is switched off).
+
+images -> backbone/FPN -> GFocalHead -> training: ATSS targets + QFL/GIoU/DFL
+                                    -> inference: joint scores, per-level top-k, decode, class-wise NMS
+"""
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from fvcore.nn import giou_loss
+from torch import Tensor, nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures.boxes import matched_pairwise_iou
+from detectron2.utils import comm
+
+from .atss import atss_assign
+from .box_coder import box_to_distance, distance_to_box, distribution_to_distance
+from .head import GFocalHead
+from .losses import distribution_focal_loss, quality_focal_loss
+
+__all__ = ["GFocalV2"]
+
+logger = logging.getLogger(__name__)
+
+
+def _reduce_mean(x: Tensor) -> Tensor:
+    """Mean of a tensor over all processes (identity with one process)."""
+    world_size = comm.get_world_size()
+    if world_size == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size
+
+
+@META_ARCH_REGISTRY.register()
+class GFocalV2(DenseDetector):
+    """Generalized Focal Loss V2 (Li et al., CVPR 2021); GFLV1 with ``dgqp_enabled=False``
+    in the head (``MODEL.GFOCAL.DGQP_ENABLED: False``)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        head: GFocalHead,
+        head_in_features: List[str],
+        anchor_generator: nn.Module,
+        num_classes: int,
+        atss_topk: int = 9,
+        qfl_beta: float = 2.0,
+        qfl_weight: float = 1.0,
+        dfl_weight: float = 0.25,
+        giou_weight: float = 2.0,
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.6,
+        max_detections_per_image: int = 100,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+    ):
+        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        cell_anchors = anchor_generator.num_cell_anchors
+        if any(n != 1 for n in cell_anchors):
+            raise ValueError(
+                "GFocalV2 uses one anchor per location (its centre is the regression point), but "
+                f"MODEL.ANCHOR_GENERATOR gives {cell_anchors} per level: set one size per level "
+                "and ASPECT_RATIOS: [[1.0]]."
+            )
+        shapes = backbone.output_shape()
+        feature_strides = [shapes[f].stride for f in head_in_features]
+        if list(anchor_generator.strides) != feature_strides:
+            raise ValueError(f"Anchor strides {anchor_generator.strides} differ from the strides {feature_strides} of {head_in_features}")
+        if num_classes != head.num_classes:
+            raise ValueError(f"num_classes {num_classes} differs from the head's {head.num_classes}")
+        if atss_topk < 1:
+            raise ValueError(f"MODEL.GFOCAL.ATSS_TOPK must be >= 1, got {atss_topk}")
+        self.anchor_generator = anchor_generator
+        self.num_classes = num_classes
+        self.reg_max = head.reg_max
+        self.atss_topk = atss_topk
+        self.qfl_beta = qfl_beta
+        self.qfl_weight = qfl_weight
+        self.dfl_weight = dfl_weight
+        self.giou_weight = giou_weight
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+
+    @classmethod
+    def from_config(cls, cfg):
+        g = cfg.MODEL.GFOCAL
+        if g.NUM_CLASSES < 1:
+            raise ValueError(f"MODEL.GFOCAL.NUM_CLASSES must be >= 1, got {g.NUM_CLASSES}")
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in g.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.GFOCAL.IN_FEATURES {list(g.IN_FEATURES)}: {missing} not produced by the backbone "
+                f"{cfg.MODEL.BACKBONE.NAME}, which outputs {sorted(shapes)}"
+            )
+        feature_shapes = [shapes[f] for f in g.IN_FEATURES]
+        return {
+            "backbone": backbone,
+            "head": GFocalHead(cfg, feature_shapes),
+            "head_in_features": list(g.IN_FEATURES),
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "num_classes": g.NUM_CLASSES,
+            "atss_topk": g.ATSS_TOPK,
+            "qfl_beta": g.QFL_BETA,
+            "qfl_weight": g.QFL_WEIGHT,
+            "dfl_weight": g.DFL_WEIGHT,
+            "giou_weight": g.GIOU_WEIGHT,
+            "test_score_thresh": g.SCORE_THRESH_TEST,
+            "test_topk_candidates": g.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": g.NMS_THRESH_TEST,
+            "max_detections_per_image": g.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def dgqp_enabled(self) -> bool:
+        return self.head.dgqp is not None
+
+    # ------------------------------------------------------------------ shared
+    def _anchors(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """Per level: (A_l, 4) anchor boxes and (A_l,) strides."""
+        anchors = [a.tensor for a in self.anchor_generator(features)]
+        strides = [torch.full((len(a),), float(s), device=a.device) for a, s in zip(anchors, self.anchor_generator.strides)]
+        return anchors, strides
+
+    def _flatten(self, predictions) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Per-level (N, K, H, W) maps -> (N, A, K) with levels concatenated, finest first."""
+        cls_logits, box_logits, quality_logits = predictions
+        cls = cat([permute_to_N_HWA_K(x, self.num_classes) for x in cls_logits], dim=1)
+        box = cat([permute_to_N_HWA_K(x, 4 * (self.reg_max + 1)) for x in box_logits], dim=1)
+        quality = cat([permute_to_N_HWA_K(x, 1) for x in quality_logits], dim=1) if self.dgqp_enabled else None
+        return cls, box, quality
+
+    def joint_scores(self, cls_logits: Tensor, quality_logits: Optional[Tensor]) -> Tensor:
+        """(..., C) class logits and (..., 1) DGQP logits -> (..., C) joint class-quality scores in [0, 1]."""
+        scores = cls_logits.float().sigmoid()
+        if quality_logits is not None:
+            scores = scores * quality_logits.float().sigmoid()
+        return scores
+
+    # ---------------------------------------------------------------- training
+    def forward_training(self, images: ImageList, features: List[Tensor], predictions, gt_instances: List[Instances]):
+        anchors, strides = self._anchors(features)
+        num_per_level = [len(a) for a in anchors]
+        anchors, strides = cat(anchors), cat(strides)
+        gt_boxes, gt_classes, gt_valid = self._pad_ground_truth(gt_instances)
+        matched_idx, is_pos = atss_assign(anchors, num_per_level, gt_boxes, gt_valid, self.atss_topk)
+        return self.losses(anchors, strides, self._flatten(predictions), gt_boxes, gt_classes, matched_idx, is_pos)
+
+    def _pad_ground_truth(self, gt_instances: List[Instances]) -> Tuple[Tensor, Tensor, Tensor]:
+        """Ground truth as (N, G, 4) boxes, (N, G) classes and (N, G) validity, G = max boxes per image."""
+        G = max([1] + [len(x) for x in gt_instances])  # at least one (padding) column
+        N = len(gt_instances)
+        boxes = torch.zeros((N, G, 4), device=self.device)
+        classes = torch.full((N, G), self.num_classes, dtype=torch.long, device=self.device)
+        valid = torch.zeros((N, G), dtype=torch.bool, device=self.device)
+        for i, inst in enumerate(gt_instances):
+            n = len(inst)
+            boxes[i, :n] = inst.gt_boxes.tensor
+            classes[i, :n] = inst.gt_classes
+            valid[i, :n] = True
+        return boxes, classes, valid
+
+    def losses(self, anchors, strides, flat_predictions, gt_boxes, gt_classes, matched_idx, is_pos) -> Dict[str, Tensor]:
+        """QFL, GIoU and DFL, normalized as the reference does.
+
+        Args:
+            anchors: (A, 4) XYXY; strides: (A,).
+            flat_predictions: (N, A, C) class logits, (N, A, 4 * (reg_max + 1)) box logits,
+                (N, A, 1) quality logits or None.
+            gt_boxes: (N, G, 4); gt_classes: (N, G); matched_idx, is_pos: (N, A) from ATSS.
+
+        Computed densely over all anchors (negatives get their own anchor box as a benign
+        regression target and zero weight), so there is no data-dependent indexing and no
+        host-device synchronization.
+        """
+        cls_logits, box_logits, quality_logits = flat_predictions
+        N, A, C = cls_logits.shape
+        with torch.autocast(device_type=cls_logits.device.type, enabled=False):
+            centers = (anchors[:, :2] + anchors[:, 2:]) / 2  # (A, 2)
+            box_logits = box_logits.float()
+            pred_dist = distribution_to_distance(box_logits, self.reg_max)  # (N, A, 4) stride units
+            pred_boxes = distance_to_box(centers, pred_dist * strides[:, None])  # (N, A, 4) pixels
+
+            matched_boxes = gt_boxes.gather(1, matched_idx[..., None].expand(N, A, 4))
+            target_boxes = torch.where(is_pos[..., None], matched_boxes, anchors.expand(N, A, 4))
+            labels = torch.where(is_pos, gt_classes.gather(1, matched_idx), torch.full_like(matched_idx, C))
+
+            iou = matched_pairwise_iou(Boxes(pred_boxes.detach().reshape(-1, 4)), Boxes(target_boxes.reshape(-1, 4)))
+            iou_target = torch.where(is_pos.reshape(-1), iou.clamp(min=0.0).nan_to_num(0.0), torch.zeros_like(iou))
+
+            scores = self.joint_scores(cls_logits, quality_logits)  # (N, A, C)
+            if self.dgqp_enabled:
+                qfl = quality_focal_loss(scores.reshape(-1, C), labels.reshape(-1), iou_target, self.qfl_beta)
+            else:
+                qfl = quality_focal_loss(
+                    cls_logits.float().reshape(-1, C), labels.reshape(-1), iou_target, self.qfl_beta, use_sigmoid=True
+                )
+            num_pos = _reduce_mean(is_pos.sum().float()).clamp(min=1.0)
+
+            # Each positive is weighted by its (detached) best joint score.
+            weight = torch.where(is_pos, scores.detach().amax(dim=-1), torch.zeros_like(scores[..., 0]))
+            weight_sum = _reduce_mean(weight.sum()).clamp(min=1e-6)
+            giou = giou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4), reduction="none").reshape(N, A)
+            target_dist = (box_to_distance(centers, target_boxes) / strides[:, None]).clamp(min=0.0, max=self.reg_max - 0.01)
+            dfl = distribution_focal_loss(box_logits.reshape(-1, self.reg_max + 1), target_dist.reshape(-1))
+            dfl = dfl.reshape(N, A, 4).mean(dim=-1)
+
+            return {
+                "loss_qfl": self.qfl_weight * qfl.sum() / num_pos,
+                "loss_giou": self.giou_weight * (giou * weight).sum() / weight_sum,
+                "loss_dfl": self.dfl_weight * (dfl * weight).sum() / weight_sum,
+            }
+
+    # --------------------------------------------------------------- inference
+    def forward_inference(self, images: ImageList, features: List[Tensor], predictions) -> List[Instances]:
+        anchors, strides = self._anchors(features)
+        centers = [(a[:, :2] + a[:, 2:]) / 2 for a in anchors]
+        cls_logits, box_logits, quality_logits = predictions
+        C, bins = self.num_classes, 4 * (self.reg_max + 1)
+        qualities = quality_logits if self.dgqp_enabled else [None] * len(cls_logits)
+        scores = [
+            self.joint_scores(permute_to_N_HWA_K(c, C), None if q is None else permute_to_N_HWA_K(q, 1))
+            for c, q in zip(cls_logits, qualities)
+        ]
+        boxes = [permute_to_N_HWA_K(b, bins) for b in box_logits]
+        return [
+            self.inference_single_image(
+                centers, strides, [s[i] for s in scores], [b[i] for b in boxes], image_size
+            )
+            for i, image_size in enumerate(images.image_sizes)
+        ]
+
+    def inference_single_image(
+        self,
+        centers: List[Tensor],
+        strides: List[Tensor],
+        scores: List[Tensor],
+        box_logits: List[Tensor],
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        """Detections of one image.
+
+        Args:
+            centers: per level (A_l, 2) anchor centres; strides: per level (A_l,).
+            scores: per level (A_l, C) joint scores; box_logits: per level (A_l, 4 * (reg_max + 1)).
+            image_size: (height, width) of the (resized, unpadded) input image.
+
+        Per level, keeps the ``test_topk_candidates`` locations with the highest max class
+        score and decodes only those; then all (location, class) pairs above
+        ``test_score_thresh`` across levels go through class-wise NMS, best
+        ``max_detections_per_image`` kept.
+        """
+        cand_scores, cand_boxes = [], []
+        for center, stride, score, box in zip(centers, strides, scores, box_logits):
+            k = min(self.test_topk_candidates, score.shape[0])
+            top = score.amax(dim=1).topk(k).indices  # (k,)
+            dist = distribution_to_distance(box[top], self.reg_max) * stride[top, None]
+            cand_boxes.append(distance_to_box(center[top], dist))
+            cand_scores.append(score[top])
+        boxes = Boxes(cat(cand_boxes))
+        boxes.clip(image_size)
+        scores = cat(cand_scores)  # (K, C)
+        loc_idx, class_idx = (scores > self.test_score_thresh).nonzero(as_tuple=True)
+        det_boxes, det_scores = boxes.tensor[loc_idx], scores[loc_idx, class_idx]
+        keep = batched_nms(det_boxes, det_scores, class_idx, self.test_nms_thresh)[: self.max_detections_per_image]
+        result = Instances(image_size)
+        result.pred_boxes = Boxes(det_boxes[keep])
+        result.scores = det_scores[keep]
+        result.pred_classes = class_idx[keep]
+        return result

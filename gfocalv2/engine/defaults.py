@@ -40,6 +40,16 @@ def _fall_back_to_cpu(cfg):
         cfg.MODEL.DEVICE = "cpu"
 
 
+def add_backbone_configs(cfg):
+    """Add the config nodes of gfocalv2's backbones (``MODEL.RES2NET``) when they exist; idempotent."""
+    try:
+        from ..modeling.backbone import add_res2net_config
+    except ImportError:  # backbone package without Res2Net
+        return cfg
+    add_res2net_config(cfg)
+    return cfg
+
+
 def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     """A GFocalV2 config: Detectron2 defaults + ``MODEL.GFOCAL`` + ``DATASETS.REGISTER_COCO``,
     then ``config_file``, then ``opts`` (``[KEY, VALUE, ...]``), then ``register_coco`` triples.
@@ -50,6 +60,7 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     """
     cfg = get_cfg()
     add_gfocalv2_config(cfg)
+    add_backbone_configs(cfg)
     add_workflow_config(cfg)
     if config_file:
         if not os.path.isfile(config_file):

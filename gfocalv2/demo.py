@@ -1,0 +1,272 @@
+"""Run a trained GFocalV2 on images or a video and draw the detections (Detectron2's demo).
+
+    python -m gfocalv2.demo --config-file projects/DigitScenes/configs/gfocalv2_R_18_digits.yaml \\
+        --input img.png some_dir/ 'scenes/*.png' --output out/ \\
+        --confidence-threshold 0.3 --opts MODEL.WEIGHTS output/digit_scenes/model_final.pth
+    python -m gfocalv2.demo --config-file ... --video-input clip.mp4 --output out/ --opts MODEL.WEIGHTS w.pth
+
+Class names come from ``MetadataCatalog`` of ``DATASETS.TEST[0]`` (the DigitScenes datasets
+are registered automatically when the config names them; others via ``--register-coco``).
+A missing input or an unreadable image is reported by name and skipped; the exit status is
+1 when nothing could be processed.
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+
+import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFocalV2)
+
+import numpy as np
+
+__all__ = ["get_parser", "setup_demo_cfg", "expand_inputs", "VisualizationDemo", "main"]
+
+logger = logging.getLogger("gfocalv2.demo")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        description="GFocalV2 demo: detect objects in images or a video and draw them with Detectron2's Visualizer",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
+    parser.add_argument(
+        "--input", nargs="+", default=[], help="image files, directories (all images inside) or quoted glob patterns"
+    )
+    parser.add_argument("--video-input", help="path to a video file")
+    parser.add_argument(
+        "--output",
+        help="output directory (created if needed), or an image file name when there is exactly one input image. "
+        "Without it, nothing is drawn, detections are only printed.",
+    )
+    parser.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score of drawn detections")
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_DIR"),
+        help="register a COCO-format dataset (for its class names); repeatable",
+    )
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS w.pth"
+    )
+    return parser
+
+
+def _register_known_projects(cfg):
+    """Register project datasets named in the config that generate themselves (DigitScenes)."""
+    from detectron2.data import DatasetCatalog
+
+    names = [n for n in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN) if n not in DatasetCatalog.list()]
+    if any(n.startswith("digit_scenes") for n in names):
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        project = os.path.join(here, "projects", "DigitScenes")
+        if os.path.isdir(project) and project not in sys.path:
+            sys.path.insert(0, project)
+        try:
+            from digit_scenes import register_digit_scenes
+        except ImportError:
+            logger.warning("DATASETS names DigitScenes but projects/DigitScenes is not importable; class names unknown")
+            return
+        register_digit_scenes()
+
+
+def setup_demo_cfg(args):
+    from .engine import build_cfg
+
+    cfg = build_cfg(args.config_file, args.opts, args.register_coco, freeze=False)
+    # Keep every candidate down to the drawing threshold (and no lower than the model's own).
+    cfg.MODEL.GFOCAL.SCORE_THRESH_TEST = min(cfg.MODEL.GFOCAL.SCORE_THRESH_TEST, args.confidence_threshold)
+    cfg.freeze()
+    _register_known_projects(cfg)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist")
+    if not weights:
+        logger.warning("MODEL.WEIGHTS is empty: the model has random weights (pass --opts MODEL.WEIGHTS path.pth)")
+    return cfg
+
+
+def expand_inputs(inputs):
+    """Expand files / directories / glob patterns to a sorted list of files.
+
+    Returns ``(files, problems)``: ``problems`` lists ``(input, message)`` for inputs that
+    name nothing.
+    """
+    files, problems = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                problems.append((item, f"directory {item} contains no image ({', '.join(IMAGE_EXTENSIONS)})"))
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        elif glob.has_magic(item):
+            found = sorted(f for f in glob.glob(os.path.expanduser(item)) if os.path.isfile(f))
+            if not found:
+                problems.append((item, f"pattern {item!r} matches no file"))
+            files.extend(found)
+        else:
+            problems.append((item, f"input {item} does not exist"))
+    return files, problems
+
+
+class VisualizationDemo:
+    """DefaultPredictor + Visualizer with the dataset's class names."""
+
+    def __init__(self, cfg, confidence_threshold=0.3):
+        from detectron2.engine import DefaultPredictor
+
+        from .engine.visualize import metadata_for
+
+        self.cfg = cfg
+        self.threshold = confidence_threshold
+        self.metadata = metadata_for(cfg)
+        self.predictor = DefaultPredictor(cfg)
+
+    def run_on_image(self, image_bgr):
+        """Returns (instances on CPU, drawn RGB image)."""
+        from .engine.visualize import draw_predictions
+
+        instances = self.predictor(image_bgr)["instances"].to("cpu")
+        instances = instances[instances.scores >= self.threshold]
+        drawing = draw_predictions(np.ascontiguousarray(image_bgr[:, :, ::-1]), instances, self.metadata)
+        return instances, drawing
+
+    def run_on_video(self, video):
+        """Yield (instances, drawn BGR frame) for each frame of a cv2.VideoCapture."""
+        from detectron2.utils.video_visualizer import VideoVisualizer
+        from detectron2.utils.visualizer import ColorMode
+
+        vis = VideoVisualizer(self.metadata, ColorMode.IMAGE)
+        while video.isOpened():
+            ok, frame = video.read()
+            if not ok:
+                break
+            instances = self.predictor(frame)["instances"].to("cpu")
+            instances = instances[instances.scores >= self.threshold]
+            drawn = vis.draw_instance_predictions(frame[:, :, ::-1], instances).get_image()
+            yield instances, np.ascontiguousarray(drawn[:, :, ::-1])
+
+
+def _output_path(output, path, single, used):
+    if single and output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output):
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        return output
+    os.makedirs(output, exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    ext = ext if ext.lower() in IMAGE_EXTENSIONS else ".png"
+    name, k = stem + ext, 1
+    while name in used:  # same file name from two directories
+        name, k = f"{stem}_{k}{ext}", k + 1
+    used.add(name)
+    return os.path.join(output, name)
+
+
+def _describe(instances, class_names):
+    if len(instances) == 0:
+        return "no detection"
+    parts = []
+    for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist()):
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        parts.append(f"{name}:{s:.2f}")
+    return f"{len(instances)} detections [" + ", ".join(parts) + "]"
+
+
+def _run_images(demo, args):
+    import cv2
+    from detectron2.data.detection_utils import read_image
+
+    files, problems = expand_inputs(args.input)
+    for item, msg in problems:
+        logger.error("%s: skipped", msg)
+    classes = getattr(demo.metadata, "thing_classes", None)
+    used, done, failed = set(), 0, len(problems)
+    for path in files:
+        try:
+            img = read_image(path, format="BGR")
+        except Exception as e:  # PIL.UnidentifiedImageError, truncated files, permissions...
+            logger.error("cannot read image %s (%s: %s): skipped", path, type(e).__name__, e)
+            failed += 1
+            continue
+        start = time.perf_counter()
+        instances, drawing = demo.run_on_image(img)
+        logger.info("%s: %s in %.2fs", path, _describe(instances, classes), time.perf_counter() - start)
+        if args.output:
+            out = _output_path(args.output, path, len(files) == 1, used)
+            if not cv2.imwrite(out, drawing[:, :, ::-1]):
+                logger.error("could not write %s", out)
+                failed += 1
+                continue
+            logger.info("  -> %s", out)
+        done += 1
+    logger.info("%d image(s) processed, %d problem(s)", done, failed)
+    return done
+
+
+def _run_video(demo, args):
+    import cv2
+
+    path = args.video_input
+    if not os.path.isfile(path):
+        logger.error("video input %s does not exist", path)
+        return 0
+    video = cv2.VideoCapture(path)
+    if not video.isOpened():
+        logger.error("cannot open video %s", path)
+        return 0
+    width, height = int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    fps = video.get(cv2.CAP_PROP_FPS) or 25.0
+    writer, out = None, None
+    if args.output:
+        out = args.output
+        if os.path.isdir(out) or not os.path.splitext(out)[1]:
+            os.makedirs(out, exist_ok=True)
+            out = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".mp4")
+        writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height), True)
+        if not writer.isOpened():
+            logger.error("cannot open %s for writing (codec mp4v)", out)
+            return 0
+    frames = 0
+    for instances, frame in demo.run_on_video(video):
+        frames += 1
+        if writer is not None:
+            writer.write(frame)
+    video.release()
+    if writer is not None:
+        writer.release()
+    logger.info("%s: %d frame(s) processed%s", path, frames, f" -> {out}" if out else "")
+    if frames == 0:
+        logger.error("video %s has no readable frame", path)
+    return frames
+
+
+def main(argv=None):
+    from detectron2.utils.logger import setup_logger
+
+    args = get_parser().parse_args(argv)
+    setup_logger(name="fvcore")
+    setup_logger(name="gfocalv2")
+    if not args.input and not args.video_input:
+        get_parser().error("give --input and/or --video-input")
+    cfg = setup_demo_cfg(args)
+    demo = VisualizationDemo(cfg, args.confidence_threshold)
+    ok = 0
+    if args.input:
+        ok += _run_images(demo, args)
+    if args.video_input:
+        ok += _run_video(demo, args)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Helpers shared by the model tests: tiny configs and synthetic inputs."""
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
+
+from gfocalv2 import add_gfocalv2_config
+
+BASE_CONFIG = "configs/Base-GFocalV2.yaml"
+
+
+def gfocal_cfg(*opts, tiny=False):
+    """The base config (R-50 GFLV2, COCO), optionally shrunk for fast CPU tests."""
+    cfg = get_cfg()
+    add_gfocalv2_config(cfg)
+    cfg.merge_from_file(BASE_CONFIG)
+    cfg.MODEL.DEVICE = "cpu"
+    if tiny:
+        cfg.merge_from_list(
+            [
+                "MODEL.RESNETS.DEPTH", 18,
+                "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+                "MODEL.RESNETS.NORM", "GN",
+                "MODEL.BACKBONE.FREEZE_AT", 0,
+                "MODEL.FPN.OUT_CHANNELS", 64,
+                "MODEL.GFOCAL.NUM_CONVS", 1,
+                "MODEL.GFOCAL.NUM_CLASSES", 3,
+                "MODEL.GFOCAL.REG_MAX", 8,
+                "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]],
+            ]
+        )
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def instances(image_hw, boxes, classes):
+    inst = Instances(image_hw)
+    inst.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    return inst
+
+
+def random_input(g, h, w, num_boxes, num_classes):
+    xy = torch.rand(num_boxes, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+    wh = torch.rand(num_boxes, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
+    boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([float(w), float(h)]))], 1)
+    classes = torch.randint(0, num_classes, (num_boxes,), generator=g)
+    return {"image": torch.rand(3, h, w, generator=g) * 255, "instances": instances((h, w), boxes, classes)}

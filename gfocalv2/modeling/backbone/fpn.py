@@ -10,6 +10,8 @@ import fvcore.nn.weight_init as weight_init
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 
+from .resnet import build_gfocal_resnet_backbone
+
 __all__ = ["LastLevelP6P7FromP5", "build_gfocal_fpn", "build_gfocal_resnet_fpn_backbone"]
 
 
@@ -55,8 +57,4 @@ def build_gfocal_fpn(cfg, bottom_up):
 @BACKBONE_REGISTRY.register()
 def build_gfocal_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """ResNet (plain, ResNeXt or deformable, per ``MODEL.RESNETS.*``) + FPN + P6/P7 from P5."""
-    try:
-        from .resnet import build_gfocal_resnet_backbone as build_bottom_up
-    except ImportError:  # the deformable-capable builder is not available: plain Detectron2 ResNet
-        from detectron2.modeling.backbone.resnet import build_resnet_backbone as build_bottom_up
-    return build_gfocal_fpn(cfg, build_bottom_up(cfg, input_shape))
+    return build_gfocal_fpn(cfg, build_gfocal_resnet_backbone(cfg, input_shape))

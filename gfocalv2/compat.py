@@ -55,6 +55,19 @@ def has_compiled_ops():
 class _CompiledOpsStandIn(types.ModuleType):
     _GFOCALV2_STANDIN = True
 
+    # What detectron2.utils.collect_env (run by default_setup) asks of the extension.
+    @staticmethod
+    def get_compiler_version():
+        return "not compiled (pure-Python Detectron2)"
+
+    @staticmethod
+    def get_cuda_version():
+        return "not compiled (pure-Python Detectron2)"
+
+    @staticmethod
+    def has_cuda():
+        return False
+
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)

@@ -133,3 +133,15 @@ def test_offset_channel_check():
     conv = DeformConv2d(4, 4, 3, padding=1, deformable_groups=2)
     with pytest.raises(ValueError, match="offset has 18 channels"):
         conv(torch.randn(1, 4, 5, 5), torch.zeros(1, 18, 5, 5))
+
+
+def test_low_precision_and_autocast():
+    conv = DeformConv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    off = torch.randn(1, 18, 6, 6)
+    ref = conv(x, off)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x.bfloat16(), off.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+    assert conv(x[:0], off[:0]).shape == (0, 4, 6, 6)  # empty batches pass through

@@ -133,21 +133,23 @@ class DeformConv2d(nn.Module):
             )
         if mask is not None and mask.shape[1] != self.deformable_groups * k:
             raise ValueError(f"mask has {mask.shape[1]} channels, expected {self.deformable_groups * k}")
-        # torchvision's kernel has no half-precision path on every device: run it in the
-        # input's dtype where it can, and in float32 under autocast.
+        # torchvision's kernels lack bfloat16 (CPU and CUDA) and half on CPU, and its autocast
+        # rule runs the op in float32 anyway: compute low-precision inputs in float32 and
+        # return the input's dtype.
         dtype = x.dtype
-        weight = self.weight.to(dtype)
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        out = deform_conv2d(
-            x,
-            offset.to(dtype),
-            weight,
-            bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            mask=None if mask is None else mask.to(dtype),
-        )
+        compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = deform_conv2d(
+                x.to(compute),
+                offset.to(compute),
+                self.weight.to(compute),
+                None if self.bias is None else self.bias.to(compute),
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                mask=None if mask is None else mask.to(compute),
+            )
+        out = out.to(dtype)
         if self.norm is not None:
             out = self.norm(out)
         if self.activation is not None:

@@ -66,16 +66,16 @@ def offset_entries(prefix, cin, g):
     }
 
 
-def mmdet_resnet_backbone(depth=50, dcn=(False, True, True, True), seed=0):
-    """MMDetection ResNet (pytorch style) backbone keys: torchvision's, plus DCN ``conv2.conv_offset``."""
+def mmdet_resnet_backbone(depth=50, dcn=(False, True, True, True), seed=0, groups=1, width=64):
+    """MMDetection ResNet/ResNeXt (pytorch style) backbone keys: torchvision's, plus DCN ``conv2.conv_offset``."""
     torch.manual_seed(seed)
-    tv = torchvision_model(depth)
+    tv = torchvision_model(depth, groups, width)
     g = torch.Generator().manual_seed(seed)
     sd = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
     for K, nb in enumerate(BLOCKS[depth], 1):
         if dcn[K - 1]:
             for i in range(nb):
-                sd.update(offset_entries(f"layer{K}.{i}.conv2", 64 * 2 ** (K - 1), g))
+                sd.update(offset_entries(f"layer{K}.{i}.conv2", groups * width * 2 ** (K - 1), g))
     return sd
 
 
@@ -483,3 +483,34 @@ def test_cli(tmp_path, r50_checkpoint):
     assert not any(k.endswith("num_batches_tracked") for k in state)
     bad = save(tmp_path, "bad.pth", {"state_dict": {"foo.weight": torch.zeros(1)}})
     assert convert.main(["mmdet", bad, dst]) == 1
+
+
+PUBLISHED = {
+    # config: (backbone family, depth, groups, width, DCN stages, GFLV2)
+    "gfl_R_50_FPN_1x.yaml": ("resnet", 50, 1, 64, (False,) * 4, False),
+    "gfocalv2_R_50_FPN_1x.yaml": ("resnet", 50, 1, 64, (False,) * 4, True),
+    "gfocalv2_R_50_FPN_ms2x.yaml": ("resnet", 50, 1, 64, (False,) * 4, True),
+    "gfocalv2_R_101_FPN_ms2x.yaml": ("resnet", 101, 1, 64, (False,) * 4, True),
+    "gfocalv2_R_101_dcnv2_FPN_ms2x.yaml": ("resnet", 101, 1, 64, (False, True, True, True), True),
+    "gfocalv2_X_101_dcnv2_FPN_ms2x.yaml": ("resnet", 101, 32, 4, (False, False, True, True), True),
+    "gfocalv2_R2_101_dcnv2_FPN_ms2x.yaml": ("res2net", 101, 1, 26, (False, False, True, True), True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(PUBLISHED))
+def test_published_configs_take_the_reference_architecture(tmp_path, config):
+    """A checkpoint shaped like the authors' release for each row converts into its config with no gaps."""
+    family, depth, groups, width, dcn, v2 = PUBLISHED[config]
+    if family == "res2net":
+        backbone = mmdet_res2net_backbone(depth, dcn=dcn)
+    else:
+        backbone = mmdet_resnet_backbone(depth, dcn=dcn, groups=groups, width=width)
+    src = save(tmp_path, "src.pth", mmdet_detector(backbone, num_out=81 if v2 else 80, dgqp=v2))
+    path = os.path.join(REPO, "configs/COCO-Detection", config)
+    report = convert_file("mmdet", src, str(tmp_path / "dst.pth"), config_file=path)
+    assert not report.problems
+    # Without a config, the detected architecture gives the same model keys.
+    report2 = convert_file("mmdet", src, str(tmp_path / "dst2.pth"))
+    assert not report2.problems
+    assert dict(report.converted) == dict(report2.converted)

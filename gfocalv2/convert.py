@@ -615,7 +615,7 @@ def main(argv=None):
     parser.add_argument("dst", help="output .pth (Detectron2 checkpoint, for MODEL.WEIGHTS)")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="expected backbone (checked against the source; detected if omitted)")
     parser.add_argument("--config-file", default=None, help="build the target model from this config instead of the detected architecture")
-    parser.add_argument("--num-classes", type=int, default=None, help="classes of the target model (mmdet; default: the checkpoint's meta, else 80)")
+    parser.add_argument("--num-classes", type=int, default=None, help="classes of the target model (mmdet; default: the length of meta CLASSES, else gfl_cls outputs minus the background channel of GFLV2)")
     parser.add_argument("--no-strict", action="store_true", help="write the output even if keys were unmatched or missing")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...), with --config-file")
     args = parser.parse_args(argv)

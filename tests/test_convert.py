@@ -514,3 +514,11 @@ def test_published_configs_take_the_reference_architecture(tmp_path, config):
     report2 = convert_file("mmdet", src, str(tmp_path / "dst2.pth"))
     assert not report2.problems
     assert dict(report.converted) == dict(report2.converted)
+
+
+def test_imagenet_into_deformable_config_keeps_zero_offsets(tmp_path):
+    src = save(tmp_path, "tv.pth", torchvision_model(50).state_dict())
+    config = os.path.join(REPO, "configs/COCO-Detection/gfocalv2_R_101_dcnv2_FPN_ms2x.yaml")
+    report = convert_file("imagenet", src, str(tmp_path / "d2.pth"), config_file=config, opts=["MODEL.RESNETS.DEPTH", "50"])
+    assert not report.problems
+    assert any("conv2_offset" in n and "zero init" in n for n in report.notes)

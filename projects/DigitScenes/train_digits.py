@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""DigitScenes quickstart (`make demo`): generate the data, train GFocalV2 on CPU, evaluate, draw.
+
+    python projects/DigitScenes/train_digits.py                  # GFocalV2, R-18-FPN, ~8 min on 2 CPU cores
+    python projects/DigitScenes/train_digits.py --gfl-v1         # the same with GFL (V1)
+    python projects/DigitScenes/train_digits.py --config-file projects/DigitScenes/configs/retinanet_R_18_digits.yaml
+    python projects/DigitScenes/train_digits.py --eval-only MODEL.WEIGHTS output/digit_scenes/model_final.pth
+    python projects/DigitScenes/train_digits.py --resume         # continue from OUTPUT_DIR/last_checkpoint
+    python projects/DigitScenes/train_digits.py SOLVER.MAX_ITER 200 OUTPUT_DIR output/quick   # KEY VALUE overrides
+
+It accepts every flag of the top-level train_net.py (--num-gpus, --register-coco, ...).
+"""
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # the digit_scenes package next to this script
+
+import gfocalv2  # noqa: E402,F401  (first: Detectron2 compatibility + registers GFocalV2)
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.engine import launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from digit_scenes import register_digit_scenes  # noqa: E402
+from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(_HERE, "configs", "gfocalv2_R_18_digits.yaml")
+
+
+def get_parser():
+    parser = workflow_argument_parser(epilog=__doc__)
+    parser.set_defaults(config_file=DEFAULT_CONFIG)
+    parser.add_argument("--gfl-v1", action="store_true", help="train GFL (V1): MODEL.GFOCAL.DGQP_ENABLED False")
+    parser.add_argument("--data-root", default=None, help="where the dataset is generated/cached "
+                        "(default: $DETECTRON2_DATASETS/digit_scenes, i.e. ./datasets/digit_scenes)")
+    parser.add_argument("--num-vis", type=int, default=8, help="number of val images to draw predictions on")
+    parser.add_argument("--vis-threshold", type=float, default=0.3, help="minimum score of drawn detections")
+    return parser
+
+
+def _opts_with_variant(args):
+    opts = list(args.opts or [])
+    if args.gfl_v1:
+        extra = ["MODEL.GFOCAL.DGQP_ENABLED", "False"]
+        if "OUTPUT_DIR" not in opts[::2]:
+            extra += ["OUTPUT_DIR", "output/digit_scenes_gfl"]
+        opts = extra + opts
+    return opts
+
+
+def _bbox_results(results):
+    """{'AP': .., 'AP50': ..} of the first test dataset from Trainer.test()'s OrderedDict."""
+    if not results:
+        return {}
+    if "bbox" in results:
+        return results["bbox"]
+    first = next(iter(results.values()))
+    return first.get("bbox", {}) if isinstance(first, dict) else {}
+
+
+def draw_val_predictions(cfg, weights, num, threshold):
+    """Draw the predictions of the checkpoint ``weights`` on the first ``num`` val images."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import DefaultPredictor
+
+    from gfocalv2.engine.visualize import metadata_for, visualize_files
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    cfg.freeze()
+    dataset = DatasetCatalog.get(cfg.DATASETS.TEST[0])
+    files = [d["file_name"] for d in dataset[:num]]
+    out_dir = os.path.join(cfg.OUTPUT_DIR, "visualizations")
+    return visualize_files(DefaultPredictor(cfg), metadata_for(cfg), files, out_dir, threshold), out_dir
+
+
+def main(args):
+    start = time.perf_counter()
+    args.opts = _opts_with_variant(args)
+    cfg = setup_cfg(args)
+    register_digit_scenes(args.data_root)
+    output_dir = os.path.abspath(cfg.OUTPUT_DIR)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        weights = cfg.MODEL.WEIGHTS
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        results = getattr(trainer, "_last_eval_results", None)
+        weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if not comm.is_main_process():
+        return results
+
+    vis_files, vis_dir = [], None
+    if args.num_vis > 0 and weights and os.path.isfile(weights):
+        vis_files, vis_dir = draw_val_predictions(cfg, weights, args.num_vis, args.vis_threshold)
+
+    bbox = _bbox_results(results)
+    minutes = (time.perf_counter() - start) / 60
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "GFocalV2" and not cfg.MODEL.GFOCAL.DGQP_ENABLED:
+        arch = "GFL (V1)"
+    lines = [
+        "",
+        "=" * 78,
+        f"DigitScenes {'evaluation' if args.eval_only else 'training'} done in {minutes:.1f} min: {arch}, "
+        f"R-{cfg.MODEL.RESNETS.DEPTH}-FPN, {cfg.DATASETS.TEST[0]}",
+    ]
+    if bbox:
+        lines.append(
+            "  COCO bbox AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f}".format(**bbox)
+        )
+    if not args.eval_only:
+        lines.append(f"  checkpoint        {os.path.abspath(weights)}")
+    lines += [
+        f"  predictions       {os.path.join(output_dir, 'inference', 'coco_instances_results.json')}",
+        f"  metrics / log     {os.path.join(output_dir, 'metrics.json')}, {os.path.join(output_dir, 'log.txt')}",
+        f"  TensorBoard       tensorboard --logdir {output_dir}",
+    ]
+    if vis_files:
+        lines.append(f"  {len(vis_files)} drawings    {os.path.abspath(vis_dir)}/")
+    config_used = os.path.join(output_dir, "config.yaml")
+    from detectron2.data import MetadataCatalog
+
+    val_images = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("image_root", "datasets/digit_scenes/val")
+    lines += [
+        f"  full config       {config_used}",
+        "Run the demo tool on any image with it:",
+        f"  python -m gfocalv2.demo --config-file {os.path.relpath(config_used)} "
+        f"--input {os.path.relpath(os.path.join(val_images, '000000.png'))} "
+        f"--output {os.path.relpath(os.path.join(output_dir, 'demo'))} --opts MODEL.WEIGHTS {os.path.relpath(weights)}",
+        "=" * 78,
+    ]
+    print("\n".join(lines), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -86,8 +86,11 @@ def _background(rng, size):
 
 
 def _draw_scene(rng, glyphs, labels, pool, params):
+    """Returns the RGB uint8 image, the XYXY boxes, the classes and an ink map (H, W) int32:
+    0 for background, i + 1 where digit i has ink (alpha > 0)."""
     size = params["image_size"]
     img = _background(rng, size)
+    ink = np.zeros((size, size), dtype=np.int32)
     boxes, classes = [], []
     n_digits = int(rng.integers(1, params["max_digits"] + 1))
     log_lo, log_hi = np.log(params["min_size"]), np.log(params["max_size"])
@@ -120,11 +123,12 @@ def _draw_scene(rng, glyphs, labels, pool, params):
             region = img[top : top + bh, left : left + bw]
             a = alpha[..., None]
             img[top : top + bh, left : left + bw] = region * (1 - a) + colour * a
+            ink[top : top + bh, left : left + bw][alpha > 0] = len(boxes) + 1
             boxes.append(box)
             classes.append(int(labels[k]))
             break
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return img, boxes, classes
+    return img, boxes, classes, ink
 
 
 def generate_split(out_dir, split, params=None):
@@ -144,7 +148,7 @@ def generate_split(out_dir, split, params=None):
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(num):
-        img, boxes, classes = _draw_scene(rng, glyphs, labels, pool, params)
+        img, boxes, classes, _ = _draw_scene(rng, glyphs, labels, pool, params)
         file_name = f"{i:06d}.png"
         # cv2 writes BGR; the PNG holds the RGB scene.
         if not cv2.imwrite(os.path.join(img_dir, file_name), img[:, :, ::-1]):

@@ -1,0 +1,75 @@
+"""Every yaml under configs/ and projects/*/configs builds its model and runs one forward pass
+at 64x64 (eval mode, CPU); the COCO leaf configs carry the published schedules."""
+import glob
+import os
+
+import pytest
+import torch
+
+from helpers_workflow import REPO
+
+from gfocalv2.engine import build_cfg
+
+CONFIGS = sorted(
+    glob.glob(str(REPO / "configs" / "**" / "*.yaml"), recursive=True)
+    + glob.glob(str(REPO / "projects" / "*" / "configs" / "**" / "*.yaml"), recursive=True)
+)
+PUBLISHED = [
+    "gfocalv2_R_50_FPN_1x.yaml",
+    "gfocalv2_R_50_FPN_ms2x.yaml",
+    "gfocalv2_R_101_FPN_ms2x.yaml",
+    "gfocalv2_R_101_dcnv2_FPN_ms2x.yaml",
+    "gfocalv2_X_101_dcnv2_FPN_ms2x.yaml",
+    "gfocalv2_R2_101_dcnv2_FPN_ms2x.yaml",
+    "gfl_R_50_FPN_1x.yaml",
+]
+
+
+def _id(path):
+    return os.path.relpath(path, REPO)
+
+
+def test_every_published_model_has_a_config():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert set(PUBLISHED) <= names
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=_id)
+def test_config_builds_and_runs_forward(config_file):
+    from detectron2.modeling import BACKBONE_REGISTRY, build_model
+
+    cfg = build_cfg(
+        config_file, ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+    )
+    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
+        pytest.skip(f"backbone builder {cfg.MODEL.BACKBONE.NAME!r} is not registered (yet)")
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8).float()
+    with torch.no_grad():
+        out = model([{"image": image, "height": 64, "width": 48}])
+    inst = out[0]["instances"]
+    assert inst.image_size == (64, 48)
+    assert inst.pred_boxes.tensor.shape[1] == 4 and len(inst.scores) == len(inst.pred_classes)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_coco_schedules(name):
+    cfg = build_cfg(str(REPO / "configs" / "COCO-Detection" / name), ["MODEL.DEVICE", "cpu"])
+    assert cfg.MODEL.META_ARCHITECTURE == "GFocalV2"
+    assert cfg.MODEL.GFOCAL.DGQP_ENABLED == (not name.startswith("gfl_"))
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 0.01
+    if "ms2x" in name:
+        assert cfg.SOLVER.MAX_ITER == 180000 and tuple(cfg.SOLVER.STEPS) == (120000, 160000)
+        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (480, 960) and cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range"
+    else:
+        assert cfg.SOLVER.MAX_ITER == 90000 and tuple(cfg.SOLVER.STEPS) == (60000, 80000)
+        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (800,)
+    assert cfg.MODEL.RESNETS.DEPTH == (101 if "101" in name else 50)
+    if "dcnv2" in name:
+        assert not cfg.MODEL.RESNETS.DEFORM_MODULATED and cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS == 1
+        expected = [False, True, True, True] if name.startswith("gfocalv2_R_101") else [False, False, True, True]
+        assert list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) == expected
+    if "_X_" in name:
+        assert (cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP) == (32, 4)
+    if "_R2_" in name:
+        assert cfg.MODEL.BACKBONE.NAME == "build_gfocal_res2net_fpn_backbone"

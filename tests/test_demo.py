@@ -1,0 +1,101 @@
+"""python -m gfocalv2.demo: images (files, directories, globs), bad inputs, video."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers_workflow import DIGITS_CONFIG, make_tiny_dataset, tiny_opts
+
+from gfocalv2 import demo
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny dataset (registered from the command line) and a checkpoint of an untrained model."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from gfocalv2.engine import build_cfg
+
+    root = tmp_path_factory.mktemp("demo")
+    data = make_tiny_dataset(root / "data")
+    register = ["--register-coco", "demo_digits_val", *data["val"]]
+    opts = tiny_opts(root / "out", "demo_digits_val", "demo_digits_val")
+    cfg = build_cfg(str(DIGITS_CONFIG), opts, [("demo_digits_val", *data["val"])])
+    weights = root / "model.pth"
+    DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("model")
+    assert weights.exists()
+    return {"root": root, "images": data["val"][1], "register": register, "opts": opts + ["MODEL.WEIGHTS", str(weights)]}
+
+
+def _argv(setup, *extra):
+    return ["--config-file", str(DIGITS_CONFIG), *setup["register"], *extra, "--confidence-threshold", "0.0",
+            "--opts", *map(str, setup["opts"])]
+
+
+def test_demo_writes_images_for_files_dirs_and_globs(setup, tmp_path):
+    images = setup["images"]
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(os.path.join(images, "000000.png"), other / "000000.png")  # same name, other folder
+    (tmp_path / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    argv = _argv(
+        setup,
+        "--input", os.path.join(images, "000001.png"), str(other), os.path.join(images, "00000[23].png"),
+        str(tmp_path / "missing.png"), str(tmp_path / "broken.png"),
+        "--output", str(out),
+    )
+    assert demo.main(argv) == 0
+    written = sorted(os.listdir(out))
+    assert written == ["000000.png", "000001.png", "000002.png", "000003.png"]
+    import cv2
+
+    drawn = cv2.imread(str(out / "000001.png"))
+    original = cv2.imread(os.path.join(images, "000001.png"))
+    assert drawn.shape == original.shape and not np.array_equal(drawn, original)  # boxes were drawn
+
+
+def test_demo_single_image_to_file(setup, tmp_path):
+    out = tmp_path / "sub" / "pred.jpg"
+    assert demo.main(_argv(setup, "--input", os.path.join(setup["images"], "000000.png"), "--output", str(out))) == 0
+    assert out.is_file()
+
+
+def test_expand_inputs_names_the_problems(setup, tmp_path):
+    files, problems = demo.expand_inputs([setup["images"], str(tmp_path / "nope.jpg"), str(tmp_path / "*.jpg")])
+    assert len(files) == 4
+    assert [p[0] for p in problems] == [str(tmp_path / "nope.jpg"), str(tmp_path / "*.jpg")]
+    assert "does not exist" in problems[0][1] and "matches no file" in problems[1][1]
+
+
+def test_demo_fails_when_nothing_is_readable(setup, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
+    assert demo.main(_argv(setup, "--input", str(tmp_path / "bad.png"), str(tmp_path / "none"), "--output", str(tmp_path))) == 1
+
+
+def test_demo_missing_weights_are_named(setup, tmp_path):
+    argv = ["--config-file", str(DIGITS_CONFIG), "--input", setup["images"], "--opts", "MODEL.DEVICE", "cpu",
+            "MODEL.WEIGHTS", str(tmp_path / "absent.pth")]
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        demo.main(argv)
+
+
+def test_demo_video(setup, tmp_path):
+    import cv2
+
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (64, 64), True)
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write mp4v videos")
+    for i in range(3):
+        writer.write(cv2.imread(os.path.join(setup["images"], f"00000{i}.png")))
+    writer.release()
+    out = tmp_path / "out"
+    assert demo.main(_argv(setup, "--video-input", str(video), "--output", str(out))) == 0
+    result = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = 0
+    while result.read()[0]:
+        frames += 1
+    assert frames == 3

@@ -9,8 +9,12 @@ def add_gfocalv2_config(cfg):
 
     The defaults are the reference implementation's; ``configs/Base-GFocalV2.yaml``
     sets the Detectron2 keys (backbone, input, solver) that the reference also fixes.
+    Also adds the config node of the Res2Net backbone (``MODEL.RES2NET``).
     Calling it twice is harmless.
     """
+    from .modeling.backbone.res2net import add_res2net_config
+
+    add_res2net_config(cfg)
     if "GFOCAL" in cfg.MODEL:
         return cfg
     cfg.MODEL.GFOCAL = g = CN()

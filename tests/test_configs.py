@@ -8,6 +8,8 @@ import torch
 
 from helpers_workflow import REPO
 
+import digit_scenes  # noqa: F401,E402  (registers the project's "D2FCOS" comparison meta-architecture)
+
 from gfocalv2.engine import build_cfg
 
 CONFIGS = sorted(

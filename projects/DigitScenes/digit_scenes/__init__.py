@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 
+from . import fcos as _fcos  # noqa: F401  (registers "D2FCOS", for the comparison configs)
 from .generate import CLASS_NAMES, DEFAULT_PARAMS, GENERATOR_VERSION, generate_dataset, params_stamp
 
 __all__ = [

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torchvision
 from fvcore.nn import giou_loss
 from torch import Tensor, nn
 
@@ -38,6 +39,19 @@ def _reduce_mean(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / world_size
+
+
+def _class_wise_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float) -> Tensor:
+    """Indices of the (K, 4) boxes kept by NMS within each class, by decreasing score.
+
+    Detectron2's ``batched_nms`` picks its algorithm from the number of boxes (a Python
+    branch); a traced graph (TorchScript, ONNX) would freeze the branch of the sample
+    input, so tracing uses torchvision's single-NMS "coordinate offset" form, which
+    Detectron2 also uses below 40000 boxes and which exports to ONNX NonMaxSuppression.
+    """
+    if torch.jit.is_tracing():
+        return torchvision.ops.batched_nms(boxes.float(), scores, classes, iou_threshold)
+    return batched_nms(boxes, scores, classes, iou_threshold)
 
 
 @META_ARCH_REGISTRY.register()
@@ -156,12 +170,24 @@ class GFocalV2(DenseDetector):
 
     # ---------------------------------------------------------------- training
     def forward_training(self, images: ImageList, features: List[Tensor], predictions, gt_instances: List[Instances]):
+        anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos = self.label_anchors(features, gt_instances)
+        return self.losses(anchors, strides, self._flatten(predictions), gt_boxes, gt_classes, matched_idx, is_pos)
+
+    @torch.no_grad()
+    def label_anchors(self, features: List[Tensor], gt_instances: List[Instances]):
+        """Training targets: the anchors and their ATSS assignment.
+
+        Returns:
+            anchors: (A, 4) of all levels, finest first; strides: (A,);
+            gt_boxes: (N, G, 4); gt_classes: (N, G) (padding: num_classes);
+            matched_idx, is_pos: (N, A), see :func:`atss_assign`.
+        """
         anchors, strides = self._anchors(features)
         num_per_level = [len(a) for a in anchors]
         anchors, strides = cat(anchors), cat(strides)
         gt_boxes, gt_classes, gt_valid = self._pad_ground_truth(gt_instances)
         matched_idx, is_pos = atss_assign(anchors, num_per_level, gt_boxes, gt_valid, self.atss_topk)
-        return self.losses(anchors, strides, self._flatten(predictions), gt_boxes, gt_classes, matched_idx, is_pos)
+        return anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos
 
     def _pad_ground_truth(self, gt_instances: List[Instances]) -> Tuple[Tensor, Tensor, Tensor]:
         """Ground truth as (N, G, 4) boxes, (N, G) classes and (N, G) validity, G = max boxes per image."""
@@ -279,7 +305,7 @@ class GFocalV2(DenseDetector):
         scores = cat(cand_scores)  # (K, C)
         loc_idx, class_idx = (scores > self.test_score_thresh).nonzero(as_tuple=True)
         det_boxes, det_scores = boxes.tensor[loc_idx], scores[loc_idx, class_idx]
-        keep = batched_nms(det_boxes, det_scores, class_idx, self.test_nms_thresh)[: self.max_detections_per_image]
+        keep = _class_wise_nms(det_boxes, det_scores, class_idx, self.test_nms_thresh)[: self.max_detections_per_image]
         result = Instances(image_size)
         result.pred_boxes = Boxes(det_boxes[keep])
         result.scores = det_scores[keep]

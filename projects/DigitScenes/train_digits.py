@@ -37,7 +37,71 @@ def get_parser():
                         "(default: $DETECTRON2_DATASETS/digit_scenes, i.e. ./datasets/digit_scenes)")
     parser.add_argument("--num-vis", type=int, default=8, help="number of val images to draw predictions on")
     parser.add_argument("--vis-threshold", type=float, default=0.3, help="minimum score of drawn detections")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="train and evaluate GFocalV2, GFL (V1), Detectron2's RetinaNet and FCOS on the same data, backbone "
+        "and schedule (one after the other, each in its own process; trailing KEY VALUE overrides apply to all), "
+        "then print a table. Outputs go to output/digit_scenes_compare/<config>/ (or OUTPUT_DIR/<config>).",
+    )
     return parser
+
+
+COMPARE_VARIANTS = [
+    ("GFocalV2", "gfocalv2_R_18_digits.yaml"),
+    ("GFL (V1)", "gfl_R_18_digits.yaml"),
+    ("RetinaNet (Detectron2)", "retinanet_R_18_digits.yaml"),
+    ("FCOS (Detectron2)", "fcos_R_18_digits.yaml"),
+]
+
+
+def run_comparison(args):
+    """Run each variant in a subprocess and print a markdown table of COCO bbox AP and wall time."""
+    import json
+    import subprocess
+
+    base_opts = list(args.opts or [])
+    out_root = "output/digit_scenes_compare"
+    if "OUTPUT_DIR" in base_opts[::2]:
+        i = base_opts[::2].index("OUTPUT_DIR") * 2
+        out_root = base_opts[i + 1]
+        del base_opts[i : i + 2]
+    rows = []
+    for name, config in COMPARE_VARIANTS:
+        out = os.path.join(out_root, os.path.splitext(config)[0])
+        cmd = [sys.executable, os.path.abspath(__file__), "--config-file", os.path.join(_HERE, "configs", config),
+               "--num-vis", "0"]
+        if args.data_root:
+            cmd += ["--data-root", args.data_root]
+        cmd += base_opts + ["OUTPUT_DIR", out]
+        print(f"[compare] {name}: {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        rc = subprocess.call(cmd)
+        minutes = (time.perf_counter() - start) / 60
+        bbox = {}
+        try:
+            with open(os.path.join(out, "metrics.json")) as f:
+                evals = [r for r in map(json.loads, filter(str.strip, f)) if "bbox/AP" in r]
+            bbox = {k[5:]: v for k, v in evals[-1].items() if k.startswith("bbox/")} if evals else {}
+        except OSError:
+            pass
+        rows.append((name, config, rc, minutes, bbox))
+    lines = ["| detector | config | AP | AP50 | AP75 | APs | APm | wall time (min) |", "|---|---|---|---|---|---|---|---|"]
+    for name, config, rc, minutes, b in rows:
+        if rc != 0 or not b:
+            lines.append(f"| {name} | {config} | failed (exit {rc}) | | | | | {minutes:.1f} |")
+            continue
+        lines.append(
+            f"| {name} | {config} | {b['AP']:.1f} | {b['AP50']:.1f} | {b['AP75']:.1f} | {b['APs']:.1f} | "
+            f"{b['APm']:.1f} | {minutes:.1f} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    os.makedirs(out_root, exist_ok=True)
+    with open(os.path.join(out_root, "comparison.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"(also written to {os.path.join(out_root, 'comparison.md')})")
+    return 0 if all(r[2] == 0 for r in rows) else 1
 
 
 def _opts_with_variant(args):
@@ -144,6 +208,8 @@ def main(args):
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
+    if args.compare:
+        sys.exit(run_comparison(args))
     launch(
         main,
         args.num_gpus,

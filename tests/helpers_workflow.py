@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import gfocalv2  # noqa: F401  (first, before any other detectron2 import)
+
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_PROJECT = REPO / "projects" / "DigitScenes"
 DIGITS_CONFIG = DIGITS_PROJECT / "configs" / "gfocalv2_R_18_digits.yaml"

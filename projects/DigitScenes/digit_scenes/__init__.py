@@ -17,6 +17,8 @@ Usage::
 To use your own COCO-format data instead, you do not need this package at all: see
 ``projects/DigitScenes/README.md`` (``--register-coco NAME JSON IMAGE_DIR``).
 """
+import gfocalv2  # noqa: F401  (first: Detectron2 compatibility layer, registers GFocalV2)
+
 import json
 import logging
 import os

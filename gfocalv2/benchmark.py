@@ -322,6 +322,18 @@ def _time_targets(model: nn.Module, sw: Stopwatch):
     return patched()
 
 
+def split_backward(loss: torch.Tensor, predictions, sw: Stopwatch) -> None:
+    """``loss.backward()`` in two timed parts, split at the head outputs ``predictions``
+    (nested lists of tensors): "losses backward" (loss -> head outputs), then "backbone+head
+    backward" (head outputs -> parameters). Same gradients as one ``loss.backward()``."""
+    outputs = _independent_outputs([t for t in _flat_tensors(predictions) if t.requires_grad])
+    with sw.stage("losses backward"):
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+    with sw.stage("backbone+head backward"):
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
 def train_step(model: nn.Module, batch: List[Dict], optimizer: torch.optim.Optimizer, sw: Stopwatch):
     """One SGD iteration of ``DenseDetector.forward`` in training mode, stage by stage.
 
@@ -339,12 +351,7 @@ def train_step(model: nn.Module, batch: List[Dict], optimizer: torch.optim.Optim
     with sw.stage("targets+losses forward"), _time_targets(model, sw):
         losses = model.forward_training(images, features, predictions, gt_instances)
         loss = sum(losses.values())
-    outputs = _independent_outputs([t for t in _flat_tensors(predictions) if t.requires_grad])
-    with sw.stage("losses backward"):
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-    with sw.stage("backbone+head backward"):
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    split_backward(loss, predictions, sw)
     with sw.stage("optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -22,9 +22,11 @@ and the tool reports whether boxes, scores and classes agree within tolerance (e
 status 1 if not).
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -79,10 +81,21 @@ class ExportableDetector(nn.Module):
 
 
 # ----------------------------------------------------------------------------- export
+@contextlib.contextmanager
+def _quiet_tracer():
+    """The tracer warns wherever a shape becomes a constant (anchors, padding, top-k sizes,
+    Python branches of Detectron2's structures): expected, since the graph is specialized to
+    the traced input size; NMS is scripted (no frozen branch) so its output stays dynamic."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+        yield
+
+
 def export_torchscript(model: nn.Module, image: Tensor, path: str) -> str:
     """Trace :class:`ExportableDetector` on ``image`` (1, 3, H, W) and save it to ``path``."""
     wrapper = ExportableDetector(model)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_tracer():
         traced = torch.jit.trace(wrapper, (image,), check_trace=False)
     torch.jit.save(traced, path)
     return path
@@ -92,7 +105,7 @@ def export_onnx(model: nn.Module, image: Tensor, path: str, opset: int = 17) -> 
     """Export :class:`ExportableDetector` traced on ``image`` to ONNX (TorchScript-based
     exporter: torchvision registers NMS -> NonMaxSuppression for it)."""
     wrapper = ExportableDetector(model)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_tracer():
         torch.onnx.export(
             wrapper,
             (image,),

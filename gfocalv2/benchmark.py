@@ -277,27 +277,35 @@ def _flat_tensors(obj) -> List[torch.Tensor]:
     return []
 
 
-def _independent_outputs(outputs: List[torch.Tensor]) -> List[torch.Tensor]:
-    """The outputs not computed from another output (GFLV2's quality logits are computed
-    from its box logits: the gradient of the loss w.r.t. the box logits already includes
-    the path through the quality branch, so the backward from the head outputs must not
-    start from the quality logits again)."""
-    nodes = {o.grad_fn: i for i, o in enumerate(outputs) if o.grad_fn is not None}
-    keep = []
-    for i, out in enumerate(outputs):
-        stack, seen, dependent = [out.grad_fn], set(), False
-        while stack and not dependent:
+def _split_points(outputs: List[torch.Tensor]):
+    """Where to split the backward pass: the outputs not computed from another output, and
+    the parameters used between dependent outputs and the others.
+
+    GFLV2's quality logits are computed from its box logits by the DGQP: the gradient of the
+    loss w.r.t. the box logits already includes the path through the DGQP, so the second
+    part must not start from the quality logits again, and the DGQP's parameters get their
+    gradient in the first part. Walks at most 64 autograd nodes per output.
+    """
+    nodes = {o.grad_fn for o in outputs if o.grad_fn is not None}
+    independent, params = [], []
+    for out in outputs:
+        stack, seen, dependent, leaves = [out.grad_fn], set(), False, []
+        while stack and len(seen) < 64:
             fn = stack.pop()
             if fn is None or fn in seen:
                 continue
             seen.add(fn)
             if fn is not out.grad_fn and fn in nodes:
-                dependent = True
-            # Stop at the backbone: features feed every output, nothing of interest below.
-            stack.extend(f for f, _ in fn.next_functions if len(seen) < 64)
-        if not dependent:
-            keep.append(out)
-    return keep
+                dependent = True  # computed from another output: do not walk below it
+                continue
+            if hasattr(fn, "variable"):  # AccumulateGrad: a parameter
+                leaves.append(fn.variable)
+            stack.extend(f for f, _ in fn.next_functions)
+        if dependent:  # shared over levels: each parameter once
+            params += [p for p in leaves if not any(p is q for q in params)]
+        else:
+            independent.append(out)
+    return independent, params
 
 
 def _time_targets(model: nn.Module, sw: Stopwatch):
@@ -326,9 +334,13 @@ def split_backward(loss: torch.Tensor, predictions, sw: Stopwatch) -> None:
     """``loss.backward()`` in two timed parts, split at the head outputs ``predictions``
     (nested lists of tensors): "losses backward" (loss -> head outputs), then "backbone+head
     backward" (head outputs -> parameters). Same gradients as one ``loss.backward()``."""
-    outputs = _independent_outputs([t for t in _flat_tensors(predictions) if t.requires_grad])
+    outputs, params = _split_points([t for t in _flat_tensors(predictions) if t.requires_grad])
     with sw.stage("losses backward"):
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        grads = torch.autograd.grad(loss, outputs + params, allow_unused=True)
+        grads, param_grads = grads[: len(outputs)], grads[len(outputs):]
+        for p, g in zip(params, param_grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
     with sw.stage("backbone+head backward"):
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])

@@ -14,7 +14,6 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from detectron2.structures import Boxes, pairwise_iou
 
 __all__ = ["atss_assign"]
 
@@ -48,24 +47,18 @@ def atss_assign(
         zeros = torch.zeros((N, A), dtype=torch.long, device=anchors.device)
         return zeros, zeros.bool()
 
-    # (N, A, G) IoU of every anchor with every box.
-    ious = pairwise_iou(Boxes(anchors), Boxes(gt_boxes.reshape(-1, 4))).reshape(A, N, G).permute(1, 0, 2)
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2  # (A, 2)
     gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (N, G, 2)
-
     candidates = []
     start = 0
     for num in num_anchors_per_level:
-        centers = anchor_centers[start : start + num]  # (A_l, 2)
-        # Squared distances rank exactly as distances do. (N, A_l, G)
-        dist = (centers[None, :, None, :] - gt_centers[:, None, :, :]).pow(2).sum(-1)
-        k = min(topk, num)
-        order = torch.sort(dist, dim=1, stable=True).indices[:, :k]  # (N, k, G)
-        candidates.append(order + start)
+        nearest = _nearest(anchor_centers[start : start + num], gt_centers, min(topk, num))  # (N, k, G)
+        candidates.append(nearest + start)
         start += num
     candidates = torch.cat(candidates, dim=1)  # (N, K, G), K = sum of per-level k
 
-    candidate_ious = ious.gather(1, candidates)  # (N, K, G)
+    # IoUs of the candidates only: the IoU of every anchor with every box is never needed.
+    candidate_ious = _iou(anchors[candidates], gt_boxes[:, None])  # (N, K, G)
     threshold = candidate_ious.mean(dim=1, keepdim=True) + candidate_ious.std(dim=1, keepdim=True)
 
     cx = anchor_centers[:, 0][candidates]  # (N, K, G)
@@ -75,9 +68,45 @@ def atss_assign(
 
     is_candidate_pos = (candidate_ious >= threshold) & inside & gt_valid[:, None, :]
     neg_inf = torch.full_like(candidate_ious, float("-inf"))
-    claimed = torch.full_like(ious, float("-inf")).scatter_(
+    claimed = torch.full((N, A, G), float("-inf"), dtype=candidate_ious.dtype, device=anchors.device).scatter_(
         1, candidates, torch.where(is_candidate_pos, candidate_ious, neg_inf)
     )  # (N, A, G): IoU where the anchor is a positive candidate of the box, else -inf
     best_iou, matched_idx = claimed.max(dim=2)  # first maximum on ties
     is_pos = best_iou > float("-inf")
     return torch.where(is_pos, matched_idx, torch.zeros_like(matched_idx)), is_pos
+
+
+def _nearest(centers: Tensor, points: Tensor, k: int) -> Tensor:
+    """The ``k`` centres nearest to each point, by (distance, index).
+
+    Args:
+        centers: (A_l, 2) anchor centres of one level; points: (N, G, 2); k <= A_l.
+
+    Returns:
+        (N, k, G) indices into ``centers``, nearest first; equal distances: lowest index first.
+    """
+    # Squared distances rank exactly as distances do. (N, G, A_l), anchors last for top-k;
+    # dx * dx + dy * dy, the same floats as pow(2).sum(-1) without a reduction over 2 values.
+    dx = points[:, :, None, 0] - centers[:, 0]
+    dy = points[:, :, None, 1] - centers[:, 1]
+    dist = dx * dx + dy * dy
+    index = torch.arange(centers.shape[0], device=centers.device)
+    if dist.dtype == torch.float32:
+        # Top-k instead of a full sort (~10x fewer operations). Ties must go to the lowest
+        # index, which top-k does not promise, so rank unique int64 keys instead:
+        # (float bits << 32) | index. The bits of non-negative floats order as the floats.
+        key = (dist.view(torch.int32).long() << 32) | index
+        order = key.topk(k, dim=-1, largest=False, sorted=True).indices
+    else:  # no such bit trick at hand: a stable full sort
+        order = torch.sort(dist, dim=-1, stable=True).indices[..., :k]
+    return order.transpose(1, 2)
+
+
+def _iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of (..., 4) XYXY boxes broadcast against (..., 4) boxes, computed as Detectron2's
+    ``pairwise_iou`` does (same operations, same results; 0 where the boxes do not overlap)."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return torch.where(inter > 0, inter / (area1 + area2 - inter), torch.zeros_like(inter))

@@ -388,6 +388,26 @@ def train_step(model: nn.Module, batch: List[Dict], optimizer: torch.optim.Optim
     return {k: float(v) for k, v in losses.items()}
 
 
+def count_flops(model: nn.Module, batch: List[Dict]) -> Dict[str, float]:
+    """GFLOPs (multiply-add = 2) of one inference: backbone (+FPN) and head, counted by
+    ``torch.utils.flop_counter`` (convolutions and matmuls; norms and activations are not
+    counted). A machine-independent yardstick for the timed ratios."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        with FlopCounterMode(display=False) as counter:
+            features = model.backbone(images.tensor)
+        backbone = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model.head([features[f] for f in model.head_in_features])
+        head = counter.get_total_flops()
+    model.train(was_training)
+    return OrderedDict(backbone_gflops=backbone / 1e9, head_gflops=head / 1e9, total_gflops=(backbone + head) / 1e9)
+
+
 # ----------------------------------------------------------------------------- runs
 def _autocast(device: torch.device, enabled: bool):
     if not enabled:
@@ -532,6 +552,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--channels-last", action="store_true", help="run every model in channels-last (NHWC) memory format")
+    p.add_argument("--flops", action="store_true", help="also count each model's inference GFLOPs (one untimed forward)")
     p.add_argument("--json", default="", metavar="FILE", help="also write the summary as JSON")
     p.add_argument("--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"))
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (after the flags)")
@@ -574,14 +595,23 @@ def main(argv=None) -> Dict:
             for model in models.values():
                 add_synthetic_logits(model, args.detections, (H, W))
         batch = synthetic_batch(args.batch_size, H, W, args.num_gt, cfg.MODEL.GFOCAL.NUM_CLASSES)
+        flops = {name: count_flops(model, batch[:1]) for name, model in models.items()} if args.flops else {}
         records = run_benchmark(models, batch, args.task, args.num_iter, args.warmup, args.amp)
         summary = summarize(records, ours, args.batch_size)
+        for name, f in flops.items():
+            summary[name]["flops"] = f
         header += (
             f"\ninput {H}x{W}, batch {args.batch_size}, {args.num_iter} timed rounds after {args.warmup} warm-up, "
             f"interleaved, amp {args.amp}, channels-last {args.channels_last}"
             + (f", {args.num_gt} gt boxes/image" if args.task == "train" else f", synthetic confident pairs/image {args.detections}")
         )
         print(format_report(summary, args.task, ours, header))
+        for name, f in flops.items():
+            ratio = flops[ours]["total_gflops"] / f["total_gflops"]
+            print(
+                f"GFLOPs {name}: backbone+FPN {f['backbone_gflops']:.1f}, head {f['head_gflops']:.1f}, "
+                f"total {f['total_gflops']:.1f} ({ours}/{name} {ratio:.3f})"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "summary": summary}, f, indent=1)

@@ -39,7 +39,7 @@ def run(tmp_path, capsys, *args):
 
 
 def test_inference_compare_all(tmp_path, capsys):
-    summary, text, saved = run(tmp_path, capsys, "--task", "inference", "--compare", "retinanet,fcos,gfl")
+    summary, text, saved = run(tmp_path, capsys, "--task", "inference", "--compare", "retinanet,fcos,gfl", "--flops")
     assert list(summary) == ["gfocalv2", "retinanet", "fcos", "gfl"]  # every comparison model built
     assert "median_s" in text and "gfocalv2/model" in text
     for name in ("retinanet", "fcos", "gfl"):
@@ -51,6 +51,12 @@ def test_inference_compare_all(tmp_path, capsys):
         assert sum(e["stage_share"].values()) == pytest.approx(1.0, abs=0.05)
     assert saved["summary"]["gfocalv2"]["median_s"] == pytest.approx(summary["gfocalv2"]["median_s"])
     assert "round 2 retinanet" in text and "warm-up" in text  # interleaved rounds are logged
+    # FLOPs: GFLV1 and GFLV2 differ only by the DGQP (a few MFLOPs); RetinaNet's head (9 anchors) is larger.
+    f = {name: e["flops"] for name, e in summary.items()}
+    assert f["gfl"]["backbone_gflops"] == f["gfocalv2"]["backbone_gflops"]
+    assert 0 < f["gfocalv2"]["head_gflops"] - f["gfl"]["head_gflops"] < 0.01
+    assert f["retinanet"]["head_gflops"] > f["gfocalv2"]["head_gflops"]
+    assert "GFLOPs retinanet: backbone+FPN" in text
 
 
 def test_train_breakdown(tmp_path, capsys):

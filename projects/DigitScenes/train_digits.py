@@ -138,7 +138,14 @@ def draw_val_predictions(cfg, weights, num, threshold):
     dataset = DatasetCatalog.get(cfg.DATASETS.TEST[0])
     files = [d["file_name"] for d in dataset[:num]]
     out_dir = os.path.join(cfg.OUTPUT_DIR, "visualizations")
-    return visualize_files(DefaultPredictor(cfg), metadata_for(cfg), files, out_dir, threshold), out_dir
+    # The scenes are 160 px: draw at 3x so that labels stay legible.
+    return visualize_files(DefaultPredictor(cfg), metadata_for(cfg), files, out_dir, threshold, scale=3.0), out_dir
+
+
+def _short(path):
+    """A path relative to the working directory when it is below it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def main(args):
@@ -189,7 +196,7 @@ def main(args):
         f"  TensorBoard       tensorboard --logdir {output_dir}",
     ]
     if vis_files:
-        lines.append(f"  {len(vis_files)} drawings    {os.path.abspath(vis_dir)}/")
+        lines.append(f"  drawings ({len(vis_files)})      {os.path.abspath(vis_dir)}/")
     config_used = os.path.join(output_dir, "config.yaml")
     from detectron2.data import MetadataCatalog
 
@@ -197,9 +204,9 @@ def main(args):
     lines += [
         f"  full config       {config_used}",
         "Run the demo tool on any image with it:",
-        f"  python -m gfocalv2.demo --config-file {os.path.relpath(config_used)} "
-        f"--input {os.path.relpath(os.path.join(val_images, '000000.png'))} "
-        f"--output {os.path.relpath(os.path.join(output_dir, 'demo'))} --opts MODEL.WEIGHTS {os.path.relpath(weights)}",
+        f"  python -m gfocalv2.demo --config-file {_short(config_used)} "
+        f"--input {_short(os.path.join(val_images, '000000.png'))} "
+        f"--output {_short(os.path.join(output_dir, 'demo'))} --opts MODEL.WEIGHTS {_short(os.path.abspath(weights))}",
         "=" * 78,
     ]
     print("\n".join(lines), flush=True)

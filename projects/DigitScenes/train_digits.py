@@ -22,6 +22,7 @@ import gfocalv2  # noqa: E402,F401  (first: Detectron2 compatibility + registers
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from digit_scenes import register_digit_scenes  # noqa: E402
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser  # noqa: E402
@@ -152,6 +153,7 @@ def main(args):
     start = time.perf_counter()
     args.opts = _opts_with_variant(args)
     cfg = setup_cfg(args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="digit_scenes", abbrev_name="digits")
     register_digit_scenes(args.data_root)
     output_dir = os.path.abspath(cfg.OUTPUT_DIR)
 

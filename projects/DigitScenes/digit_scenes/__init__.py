@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 from . import fcos as _fcos  # noqa: F401  (registers "D2FCOS", for the comparison configs)
 from .generate import CLASS_NAMES, DEFAULT_PARAMS, GENERATOR_VERSION, generate_dataset, params_stamp
@@ -84,6 +85,7 @@ def prepare(root=None, params=None, force=False):
         params["num_train"], params["num_val"], params["seed"], root,
     )
     tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
+    start = time.perf_counter()
     try:
         generate_dataset(tmp, params)
         if os.path.exists(root):
@@ -92,6 +94,7 @@ def prepare(root=None, params=None, force=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    logger.info("DigitScenes: generated in %.1f s", time.perf_counter() - start)
     return root
 
 

@@ -83,6 +83,8 @@ def setup_demo_cfg(args):
     cfg = build_cfg(args.config_file, args.opts, args.register_coco, freeze=False)
     # Keep every candidate down to the drawing threshold (and no lower than the model's own).
     cfg.MODEL.GFOCAL.SCORE_THRESH_TEST = min(cfg.MODEL.GFOCAL.SCORE_THRESH_TEST, args.confidence_threshold)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = min(cfg.MODEL.RETINANET.SCORE_THRESH_TEST, args.confidence_threshold)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = min(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, args.confidence_threshold)
     cfg.freeze()
     _register_known_projects(cfg)
     weights = cfg.MODEL.WEIGHTS

@@ -122,19 +122,38 @@ class Trainer(DefaultTrainer):
         return loader
 
 
+#: Where each meta-architecture reads its number of classes (others are not checked).
+NUM_CLASSES_KEYS = {
+    "GFocalV2": "MODEL.GFOCAL.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "D2FCOS": "MODEL.RETINANET.NUM_CLASSES",
+    "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+}
+
+
+def num_classes_key(cfg):
+    """The config key holding the model's number of classes, or None if unknown."""
+    return NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
+
+
 def check_num_classes(cfg, dataset_name):
-    """Error if the dataset has more classes than MODEL.GFOCAL.NUM_CLASSES; warn if fewer."""
+    """Error if the dataset has more classes than the model predicts; warn if fewer."""
+    key = num_classes_key(cfg)
+    if key is None:
+        return
     classes = get_thing_classes(dataset_name)
     if classes is None:
         return
-    n = cfg.MODEL.GFOCAL.NUM_CLASSES
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    n = node
     if len(classes) > n:
         raise ValueError(
-            f"Dataset {dataset_name!r} has {len(classes)} classes but MODEL.GFOCAL.NUM_CLASSES is {n}; "
-            f"set MODEL.GFOCAL.NUM_CLASSES {len(classes)}"
+            f"Dataset {dataset_name!r} has {len(classes)} classes but {key} is {n}; set {key} {len(classes)}"
         )
     if len(classes) < n:
         logger.warning(
-            "Dataset %r has %d classes but MODEL.GFOCAL.NUM_CLASSES is %d (the extra outputs are never positive)",
-            dataset_name, len(classes), n,
+            "Dataset %r has %d classes but %s is %d (the extra outputs are never positive)",
+            dataset_name, len(classes), key, n,
         )

@@ -154,7 +154,8 @@ def main(args):
     args.opts = _opts_with_variant(args)
     cfg = setup_cfg(args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="digit_scenes", abbrev_name="digits")
-    register_digit_scenes(args.data_root)
+    if any(n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)):
+        register_digit_scenes(args.data_root)  # generates the data at first use
     output_dir = os.path.abspath(cfg.OUTPUT_DIR)
 
     if args.eval_only:

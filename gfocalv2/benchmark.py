@@ -42,6 +42,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -243,10 +245,16 @@ def use_channels_last(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- timing
 class Stopwatch:
-    """Accumulates wall time per named stage; synchronizes CUDA around each stage."""
+    """Accumulates time per named stage; synchronizes CUDA around each stage.
 
-    def __init__(self, device: torch.device):
+    ``clock``: ``time.perf_counter`` (wall time, the default) or ``time.process_time`` (CPU
+    time of this process: on a CPU shared with other jobs, the time this process computed,
+    without the time it waited for a core; meaningful with CPU inference only).
+    """
+
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
         self.cuda = device.type == "cuda"
+        self.clock = clock
         self.times: Dict[str, float] = OrderedDict()
 
     def _sync(self):
@@ -256,12 +264,12 @@ class Stopwatch:
     @contextlib.contextmanager
     def stage(self, name: str):
         self._sync()
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
             self._sync()
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+            self.times[name] = self.times.get(name, 0.0) + self.clock() - start
 
 
 def inference_step(model: nn.Module, batch: List[Dict], sw: Stopwatch):
@@ -424,6 +432,7 @@ def run_benchmark(
     amp: bool = False,
     lr: float = 1e-4,
     log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, List[Dict[str, float]]]:
     """Interleaved runs: ``warmup`` + ``num_iter`` rounds, each model once per round in a
     rotating order. Returns per model the list of per-round stage times (seconds)."""
@@ -443,7 +452,7 @@ def run_benchmark(
         for r in range(warmup + num_iter):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
-                sw = Stopwatch(device)
+                sw = Stopwatch(device, clock)
                 if task == "train":
                     train_step(models[name], batch, optimizers[name], sw)
                 else:
@@ -537,6 +546,14 @@ def benchmark_data(cfg, num_iter: int, warmup: int, log=print) -> Dict:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default="", metavar="FILE")
@@ -552,6 +569,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--channels-last", action="store_true", help="run every model in channels-last (NHWC) memory format")
+    p.add_argument(
+        "--timer",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time (process_time), robust to other jobs "
+        "on a shared CPU, best with --threads 1 (CPU device only)",
+    )
     p.add_argument("--flops", action="store_true", help="also count each model's inference GFLOPs (one untimed forward)")
     p.add_argument("--json", default="", metavar="FILE", help="also write the summary as JSON")
     p.add_argument("--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"))
@@ -572,8 +596,13 @@ def main(argv=None) -> Dict:
         torch.set_num_threads(args.threads)
     cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
+    if args.timer == "cpu" and device.type != "cpu":
+        raise ValueError("--timer cpu measures CPU time: use it with --device cpu")
+    clock = time.process_time if args.timer == "cpu" else time.perf_counter
     machine = f"device {device}" + (
-        f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"
+        f" ({torch.cuda.get_device_name(device)})"
+        if device.type == "cuda"
+        else f" ({_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     )
     header = f"task {args.task}, {machine}, torch {torch.__version__}, config {args.config_file or '(defaults)'}"
 
@@ -596,13 +625,13 @@ def main(argv=None) -> Dict:
                 add_synthetic_logits(model, args.detections, (H, W))
         batch = synthetic_batch(args.batch_size, H, W, args.num_gt, cfg.MODEL.GFOCAL.NUM_CLASSES)
         flops = {name: count_flops(model, batch[:1]) for name, model in models.items()} if args.flops else {}
-        records = run_benchmark(models, batch, args.task, args.num_iter, args.warmup, args.amp)
+        records = run_benchmark(models, batch, args.task, args.num_iter, args.warmup, args.amp, clock=clock)
         summary = summarize(records, ours, args.batch_size)
         for name, f in flops.items():
             summary[name]["flops"] = f
         header += (
             f"\ninput {H}x{W}, batch {args.batch_size}, {args.num_iter} timed rounds after {args.warmup} warm-up, "
-            f"interleaved, amp {args.amp}, channels-last {args.channels_last}"
+            f"interleaved, {args.timer} time, amp {args.amp}, channels-last {args.channels_last}"
             + (f", {args.num_gt} gt boxes/image" if args.task == "train" else f", synthetic confident pairs/image {args.detections}")
         )
         print(format_report(summary, args.task, ours, header))

@@ -240,6 +240,8 @@ def main(argv=None) -> int:
         problem = compare_detections(expected, actual, args.box_atol, args.score_atol)
         status = "OK" if problem is None else f"MISMATCH: {problem}"
         logger.info("%s: %d detections, exported vs PyTorch: %s", name, len(expected[0]), status)
+        if len(expected[0]) == 0:
+            logger.warning("%s: no detections to compare (random weights?): the check only covers the empty output", name)
         failures += problem is not None
     return 1 if failures else 0
 

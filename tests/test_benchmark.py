@@ -60,7 +60,8 @@ def test_inference_compare_all(tmp_path, capsys):
 
 
 def test_train_breakdown(tmp_path, capsys):
-    summary, text, _ = run(tmp_path, capsys, "--task", "train", "--compare", "retinanet", "--num-gt", "5")
+    summary, text, _ = run(tmp_path, capsys, "--task", "train", "--compare", "retinanet", "--num-gt", "5", "--timer", "cpu")
+    assert "cpu time" in text
     expected = ["preprocess", "backbone+head forward", "targets", "losses forward", "losses backward",
                 "backbone+head backward", "optimizer"]
     for name in ("gfocalv2", "retinanet"):

@@ -18,19 +18,20 @@ Trailing ``KEY VALUE`` pairs override the config; they must come after all ``--f
 """
 import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFocalV2)
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser
+from gfocalv2.engine.checkpoint import checkpointer_for
 
 
 def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # checked load: a missing file, another architecture or class count is a clear error
+        checkpointer_for(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -126,14 +126,13 @@ class VisualizationDemo:
     """DefaultPredictor + Visualizer with the dataset's class names."""
 
     def __init__(self, cfg, confidence_threshold=0.3):
-        from detectron2.engine import DefaultPredictor
-
+        from .engine.predictor import Predictor  # DefaultPredictor for gray/RGBA/extreme-size images, checked weights
         from .engine.visualize import metadata_for
 
         self.cfg = cfg
         self.threshold = confidence_threshold
         self.metadata = metadata_for(cfg)
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = Predictor(cfg)
 
     def run_on_image(self, image_bgr):
         """Returns (instances on CPU, drawn RGB image)."""

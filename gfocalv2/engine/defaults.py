@@ -10,6 +10,8 @@ from detectron2.evaluation import COCOEvaluator
 
 from ..config import add_gfocalv2_config
 from .datasets import add_workflow_config, check_datasets_registered, get_thing_classes, register_coco_datasets
+from .config_checks import add_reliability_config, merge_config_file, merge_config_list
+from .reliability import ReliableTrainerMixin
 
 __all__ = ["Trainer", "workflow_argument_parser", "build_cfg", "setup_cfg"]
 
@@ -62,14 +64,15 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     add_gfocalv2_config(cfg)
     add_backbone_configs(cfg)
     add_workflow_config(cfg)
+    add_reliability_config(cfg)
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--config-file {config_file} does not exist")
-        cfg.merge_from_file(config_file)
+        merge_config_file(cfg, config_file)  # errors name the file, the key and close matches
     if opts:
         if len(opts) % 2:
             raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number of items: {list(opts)}")
-        cfg.merge_from_list(list(opts))
+        merge_config_list(cfg, list(opts))
     if register_coco:
         cfg.DATASETS.REGISTER_COCO = [list(e) for e in cfg.DATASETS.REGISTER_COCO] + [list(e) for e in register_coco]
     _fall_back_to_cpu(cfg)
@@ -89,8 +92,11 @@ def setup_cfg(args, freeze=True):
     return cfg
 
 
-class Trainer(DefaultTrainer):
-    """Detectron2's ``DefaultTrainer`` with COCO evaluation and a class-count check.
+class Trainer(ReliableTrainerMixin, DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with COCO evaluation and a class-count check, made
+    robust by :class:`~gfocalv2.engine.reliability.ReliableTrainerMixin` (checked datasets,
+    skipped unreadable images, non-finite-loss stop with a last-good checkpoint, atomic
+    checkpoints, bit-identical resume, AP 0 for a model that predicts nothing).
 
     Everything else (SGD with warm-up + step schedule, periodic checkpoints to
     ``OUTPUT_DIR``, evaluation every ``TEST.EVAL_PERIOD`` and after the last iteration,

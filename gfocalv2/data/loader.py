@@ -1,0 +1,305 @@
+"""A training data loader whose data order is a function of (seed, iteration), so that a
+resumed run sees exactly the batches an uninterrupted run would have seen, and which
+skips images that cannot be read instead of killing a long run.
+
+Detectron2's ``TrainingSampler`` is an infinite seeded stream that restarts from its
+beginning when a run is resumed (so a resumed run repeats the first batches), its
+augmentations draw from the global NumPy RNG of each worker process (so the random
+resize/flip of an image depends on which worker mapped it), and ``AspectRatioGroupedDataset``
+batches images in the order workers return them. Here:
+
+* :class:`ResumableBatchSampler` produces the batches' dataset indices itself: an
+  infinite sequence of seeded permutations (or repeat-factor epochs), split across ranks
+  like ``TrainingSampler``, grouped by aspect ratio at the index level (from the
+  dataset dicts' width/height), batch ``i`` being the ``i``-th group completed. Starting
+  at iteration ``s`` replays the index stream (cheap: integers only) and skips ``s`` batches.
+* :class:`RobustMapDataset` maps ``(index, stream_position)`` with the RNGs (NumPy, Python,
+  torch) seeded from ``(seed, stream_position)`` for that one call, so augmentations are
+  the same whatever the number of workers and after a resume. An image that fails to load
+  is logged (once per file) and replaced by another image chosen from the same seed;
+  ``max_consecutive_failures`` failures in a row stop the run with a :class:`DataLoadingError`
+  listing the files.
+"""
+import contextlib
+import itertools
+import logging
+import math
+import random
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+import torch
+import torch.utils.data as torchdata
+
+from detectron2.utils import comm
+
+__all__ = [
+    "DataLoadingError",
+    "ResumableBatchSampler",
+    "RobustMapDataset",
+    "build_resumable_train_loader",
+    "build_checked_test_loader",
+    "seeded_rngs",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class DataLoadingError(RuntimeError):
+    """Too many training images in a row could not be loaded."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+def _mix(*values):
+    """A 32-bit seed from non-negative integers (stable across processes and Python runs)."""
+    return int(np.random.SeedSequence([int(v) % (2**63) for v in values]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed):
+    """Seed NumPy's, Python's and torch's global RNGs for the block, then restore them."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        np.random.seed(seed)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def _repeat_factors(dataset_dicts, repeat_thresh):
+    category_freq = defaultdict(int)
+    for d in dataset_dicts:
+        for c in {a["category_id"] for a in d.get("annotations", [])}:
+            category_freq[c] += 1
+    n = len(dataset_dicts)
+    rep = {c: max(1.0, math.sqrt(repeat_thresh / (f / n))) for c, f in category_freq.items()}
+    return torch.tensor(
+        [max([rep[a["category_id"]] for a in d.get("annotations", [])], default=1.0) for d in dataset_dicts],
+        dtype=torch.float32,
+    )
+
+
+class ResumableBatchSampler(torchdata.Sampler):
+    """Infinite batches of ``(dataset_index, stream_position)`` pairs for one rank.
+
+    Args:
+        sizes: per image (width, height), for aspect-ratio grouping (None: no grouping).
+        num_images: dataset length.
+        batch_size: images per batch on this rank.
+        seed: seed of the whole stream (the same on all ranks).
+        shuffle: shuffle each epoch.
+        repeat_factors: optional per-image repeat factors (RepeatFactorTrainingSampler).
+        start_iter: the first batch produced is the one of this iteration.
+    """
+
+    def __init__(
+        self, num_images, batch_size, seed, *, sizes=None, shuffle=True, repeat_factors=None,
+        rank=None, world_size=None, start_iter=0,
+    ):
+        if num_images <= 0:
+            raise ValueError("ResumableBatchSampler needs at least one image")
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.rank = comm.get_rank() if rank is None else rank
+        self.world_size = comm.get_world_size() if world_size is None else world_size
+        self.start_iter = int(start_iter)
+        self.groups = None
+        if sizes is not None:
+            self.groups = [0 if w > h else 1 for w, h in sizes]
+        if repeat_factors is not None:
+            repeat_factors = torch.as_tensor(repeat_factors, dtype=torch.float32)
+            self._int_part = torch.trunc(repeat_factors)
+            self._frac_part = repeat_factors - self._int_part
+        self.repeat = repeat_factors is not None
+
+    def set_start_iter(self, start_iter):
+        self.start_iter = int(start_iter)
+
+    def set_seed(self, seed):
+        self.seed = int(seed)
+
+    def _epoch_indices(self, g):
+        if self.repeat:
+            rands = torch.rand(len(self._frac_part), generator=g)
+            reps = (self._int_part + (rands < self._frac_part).float()).long()
+            indices = torch.repeat_interleave(torch.arange(len(reps)), reps)
+        else:
+            indices = torch.arange(self.num_images)
+        if self.shuffle:
+            indices = indices[torch.randperm(len(indices), generator=g)]
+        return indices.tolist()
+
+    def _global_stream(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        pos = 0
+        while True:
+            epoch = self._epoch_indices(g)
+            if not epoch:
+                raise ValueError("an epoch of the training sampler is empty (all repeat factors round to 0)")
+            for idx in epoch:
+                yield idx, pos
+                pos += 1
+
+    def _batches(self):
+        stream = itertools.islice(self._global_stream(), self.rank, None, self.world_size)
+        if self.groups is None:
+            while True:
+                yield list(itertools.islice(stream, self.batch_size))
+        buckets = ([], [])
+        for idx, pos in stream:
+            bucket = buckets[self.groups[idx]]
+            bucket.append((idx, pos))
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                del bucket[:]
+
+    def __iter__(self):
+        return itertools.islice(self._batches(), self.start_iter, None)
+
+
+class RobustMapDataset(torchdata.Dataset):
+    """Maps ``dataset_dicts[index]`` for keys ``(index, stream_position)`` (see module doc)."""
+
+    def __init__(self, dataset_dicts, mapper, seed, max_consecutive_failures=10):
+        self.dicts = dataset_dicts
+        self.mapper = mapper
+        self.seed = int(seed)
+        self.max_consecutive_failures = max(0, int(max_consecutive_failures))
+        self._consecutive = []  # recent consecutive failures: (file, reason)
+        self._reported = OrderedDict()
+        self.num_failures = 0
+
+    def __len__(self):
+        return len(self.dicts)
+
+    def _fail(self, record, error):
+        name = record.get("file_name", f"image_id {record.get('image_id')}")
+        reason = str(error) if error is not None else "the mapper returned None"
+        self.num_failures += 1
+        self._consecutive.append((name, reason))
+        if name not in self._reported:
+            self._reported[name] = reason
+            logger.warning("Skipping training image %s: %s (another image takes its place)", name, reason)
+        if len(self._consecutive) > self.max_consecutive_failures:
+            listed = "\n  ".join(f"{n}: {r}" for n, r in self._consecutive[-10:])
+            raise DataLoadingError(
+                f"{len(self._consecutive)} training images in a row could not be loaded "
+                f"(DATALOADER.MAX_CONSECUTIVE_FAILURES is {self.max_consecutive_failures}); the data is "
+                f"probably unreachable or broken. Last ones:\n  {listed}\nFix or remove these images (or the "
+                "image directory) and resume with --resume."
+            )
+
+    def __getitem__(self, key):
+        index, pos = key if isinstance(key, tuple) else (key, key)
+        for attempt in itertools.count():
+            record = self.dicts[index]
+            error = None
+            try:
+                with seeded_rngs(_mix(self.seed, pos, attempt)):
+                    out = self.mapper(record)
+            except Exception as e:  # noqa: BLE001  (skip this image, whatever broke)
+                out, error = None, e
+            if out is not None:
+                self._consecutive = []
+                return out
+            self._fail(record, error)
+            index = random.Random(_mix(self.seed, pos, attempt, 1)).randrange(len(self.dicts))
+
+
+def _trivial_batch_collator(batch):
+    return batch
+
+
+def _worker_init(worker_id):
+    from detectron2.data.build import worker_init_reset_seed
+
+    worker_init_reset_seed(worker_id)
+
+
+def data_seed_from_cfg(cfg):
+    """cfg.SEED if set (>= 0), else one random seed shared by all ranks."""
+    return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed() % (2**31)
+
+
+def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
+    """The training loader of the module docstring, from a config.
+
+    The returned ``DataLoader``'s ``batch_sampler`` is the :class:`ResumableBatchSampler`
+    (``set_start_iter`` / ``set_seed`` before iterating).
+    """
+    from ..engine.config_checks import cfg_get
+    from .mapper import RobustDatasetMapper
+    from .validation import load_dataset_dicts
+
+    if dataset_dicts is None:
+        dataset_dicts = load_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            is_train=True,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            check_images=cfg_get(cfg, "DATASETS.CHECK_IMAGES"),
+        )
+    if mapper is None:
+        mapper = RobustDatasetMapper(cfg, True)
+    world_size = comm.get_world_size()
+    total = cfg.SOLVER.IMS_PER_BATCH
+    if total <= 0 or total % world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of GPUs ({world_size})")
+    seed = data_seed_from_cfg(cfg)
+    sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
+    if sampler_name == "TrainingSampler":
+        repeat_factors = None
+    elif sampler_name == "RepeatFactorTrainingSampler":
+        repeat_factors = _repeat_factors(dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD)
+    else:
+        raise ValueError(
+            f"DATALOADER.SAMPLER_TRAIN {sampler_name!r}: gfocalv2's resumable loader supports "
+            "'TrainingSampler' and 'RepeatFactorTrainingSampler'"
+        )
+    sizes = None
+    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        sizes = [(d.get("width", 1), d.get("height", 1)) for d in dataset_dicts]
+    batch_sampler = ResumableBatchSampler(
+        len(dataset_dicts), total // world_size, seed, sizes=sizes, repeat_factors=repeat_factors
+    )
+    dataset = RobustMapDataset(
+        dataset_dicts, mapper, seed, cfg_get(cfg, "DATALOADER.MAX_CONSECUTIVE_FAILURES")
+    )
+    logger.info(
+        "Training data: %d images, %d per batch per GPU, seed %d, resumable order (%s%s)",
+        len(dataset_dicts), total // world_size, seed, sampler_name,
+        ", aspect-ratio grouping" if sizes is not None else "",
+    )
+    return torchdata.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=_trivial_batch_collator,
+        worker_init_fn=_worker_init,
+    )
+
+
+def build_checked_test_loader(cfg, dataset_name, mapper=None):
+    """Detectron2's test loader, over dataset dicts checked by :func:`load_dataset_dicts`
+    (missing images are an error: the evaluation would be wrong) and with the
+    :class:`~gfocalv2.data.mapper.RobustDatasetMapper` (failures name the file)."""
+    from detectron2.data import build_detection_test_loader
+
+    from ..engine.config_checks import cfg_get
+    from .mapper import RobustDatasetMapper
+    from .validation import load_dataset_dicts
+
+    dicts = load_dataset_dicts([dataset_name], is_train=False, check_images=cfg_get(cfg, "DATASETS.CHECK_IMAGES"))
+    if mapper is None:
+        mapper = RobustDatasetMapper(cfg, False)
+    return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)

@@ -1,0 +1,219 @@
+"""Config keys of the reliability features, and config merging whose errors name the
+key, the file and the value, with close matches for misspelt keys.
+
+Detectron2 (yacs) reports an unknown key as ``KeyError: 'Non-existent config key: X'``
+(from a file) or ``AssertionError: Non-existent key: X`` (from ``KEY VALUE`` overrides),
+without the file, and a wrong type as ``Type mismatch (...)``. :func:`merge_config_file`
+and :func:`merge_config_list` do the same merges and re-raise these as
+:class:`UnknownConfigKeyError` (a ``KeyError``) / :class:`ConfigValueError` (a
+``ValueError``) whose message names the key, where it came from, what was expected,
+and suggests close matches.
+"""
+import difflib
+import logging
+import os
+import re
+
+from detectron2.config import CfgNode
+
+__all__ = [
+    "add_reliability_config",
+    "cfg_get",
+    "merge_config_file",
+    "merge_config_list",
+    "all_config_keys",
+    "ConfigError",
+    "UnknownConfigKeyError",
+    "ConfigValueError",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def add_reliability_config(cfg: CfgNode) -> CfgNode:
+    """Add the keys of the reliability features to ``cfg`` in place; idempotent.
+
+    * ``MODEL.REINIT_HEAD_ON_CLASS_MISMATCH`` (False): when ``MODEL.WEIGHTS`` has a
+      classification layer (``*cls_score*``) for another number of classes, re-initialize
+      it (fine-tuning on a new dataset) instead of refusing the weights.
+    * ``DATALOADER.MAX_CONSECUTIVE_FAILURES`` (10): training images that cannot be read
+      are skipped with a warning (another image takes their place); this many failures in a
+      row stop the run with an error listing them.
+    * ``DATASETS.CHECK_IMAGES`` ("exists"): what is checked of each image when a dataset is
+      loaded: "none", "exists" (the file exists), or "size" (also reads the image header
+      and compares its size with the json's width/height).
+    """
+    if "REINIT_HEAD_ON_CLASS_MISMATCH" not in cfg.MODEL:
+        cfg.MODEL.REINIT_HEAD_ON_CLASS_MISMATCH = False
+    if "MAX_CONSECUTIVE_FAILURES" not in cfg.DATALOADER:
+        cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES = 10
+    if "CHECK_IMAGES" not in cfg.DATASETS:
+        cfg.DATASETS.CHECK_IMAGES = "exists"
+    return cfg
+
+
+_DEFAULTS = {
+    "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH": False,
+    "DATALOADER.MAX_CONSECUTIVE_FAILURES": 10,
+    "DATASETS.CHECK_IMAGES": "exists",
+}
+
+
+def cfg_get(cfg, key, default=None):
+    """``cfg.A.B`` for ``key="A.B"``, or the default of :func:`add_reliability_config`
+    (or ``default``) when the config lacks the key."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _DEFAULTS.get(key, default)
+        node = node[part]
+    return node
+
+
+class ConfigError(Exception):
+    """Base of the config errors below; ``str()`` is the plain message."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownConfigKeyError(ConfigError, KeyError):
+    """A config file or override names a key the config does not have."""
+
+
+class ConfigValueError(ConfigError, ValueError):
+    """A config value has the wrong type (or cannot be parsed)."""
+
+
+def all_config_keys(cfg, prefix=""):
+    """Every full key (``A.B.C``) of ``cfg``, nodes included."""
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, CfgNode):
+            keys.extend(all_config_keys(v, full + "."))
+    return keys
+
+
+def _suggest(cfg, key, n=3):
+    keys = all_config_keys(cfg)
+    matches = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+    if not matches:  # same last component elsewhere (e.g. MODEL.NUM_CLASSES -> MODEL.GFOCAL.NUM_CLASSES)
+        last = key.split(".")[-1]
+        matches = [k for k in keys if k.split(".")[-1] == last][:n]
+    if not matches:
+        lasts = {}
+        for k in keys:
+            lasts.setdefault(k.split(".")[-1], k)
+        matches = [lasts[m] for m in difflib.get_close_matches(key.split(".")[-1], list(lasts), n=n, cutoff=0.75)]
+    return matches
+
+
+def _unknown_key_error(cfg, key, source):
+    matches = _suggest(cfg, key)
+    hint = f" Did you mean {' or '.join(matches)}?" if matches else ""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node_keys = ""
+    if parent:
+        node = cfg
+        for part in parent.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, CfgNode):
+            node_keys = f" The keys of {parent} are: {', '.join(sorted(node.keys()))}."
+    return UnknownConfigKeyError(
+        f"{source}: unknown config key {key}.{hint}{node_keys} "
+        "(Keys of gfocalv2 exist once gfocalv2.add_gfocalv2_config / gfocalv2.engine.build_cfg has run.)"
+    )
+
+
+_TYPE_RE = re.compile(
+    r"Type mismatch \((?P<want><class '[^']+'>|[^ ]+) vs\. (?P<got><class '[^']+'>|[^ ]+)\) with values "
+    r"\((?P<old>.*) vs\. (?P<new>.*)\) for config key: (?P<key>\S+)"
+)
+
+
+def _type_name(s):
+    m = re.match(r"<class '([^']+)'>", s)
+    return m.group(1) if m else s
+
+
+def _value_error(e, source):
+    m = _TYPE_RE.search(str(e))
+    if not m:
+        return ConfigValueError(f"{source}: {e}")
+    want, got, key = _type_name(m["want"]), _type_name(m["got"]), m["key"]
+    hint = ""
+    if want == "float" and got == "int":
+        hint = f" Write it as a float, e.g. {m['new']}.0."
+    elif want in ("tuple", "list"):
+        hint = " Write a list, e.g. (1, 2) or [1, 2] (quoted on the command line: KEY \"(1, 2)\")."
+    return ConfigValueError(
+        f"{source}: config key {key} must be of type {want} (default: {m['old']}), "
+        f"got {m['new']!s} of type {got}.{hint}"
+    )
+
+
+def _missing_file_error(path, what):
+    path = str(path)
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    hint = ""
+    if os.path.isdir(parent):
+        candidates = [f for f in os.listdir(parent) if f.endswith((".yaml", ".yml", ".py"))]
+        close = difflib.get_close_matches(os.path.basename(path), candidates, n=3, cutoff=0.5)
+        if close:
+            hint = " Did you mean " + " or ".join(os.path.join(os.path.dirname(path), c) for c in close) + "?"
+    else:
+        hint = f" (its directory {parent} does not exist either)"
+    return FileNotFoundError(f"{what} {path} does not exist.{hint}")
+
+
+def merge_config_file(cfg, config_file):
+    """``cfg.merge_from_file(config_file)`` with errors that name the file, the key and close matches."""
+    config_file = str(config_file)
+    if not os.path.isfile(config_file):
+        raise _missing_file_error(config_file, "config file")
+    import yaml
+
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:
+        msg = str(e.args[0]) if e.args else str(e)
+        m = re.search(r"Non-existent config key: (\S+)", msg)
+        if m:
+            raise _unknown_key_error(cfg, m.group(1), f"config file {config_file}") from None
+        raise ConfigValueError(f"config file {config_file}: {msg}") from e
+    except ValueError as e:
+        raise _value_error(e, f"config file {config_file}") from None
+    except AssertionError as e:  # yacs asserts (e.g. a key of a deprecated/renamed node)
+        raise ConfigValueError(f"config file {config_file}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigValueError(f"config file {config_file} is not valid YAML: {e}") from None
+    except FileNotFoundError as e:  # a _BASE_ that does not exist
+        raise FileNotFoundError(
+            f"config file {config_file} (or one of its _BASE_ files) refers to {e.filename}, which does not exist. "
+            "_BASE_ paths are relative to the file that names them."
+        ) from None
+    return cfg
+
+
+def merge_config_list(cfg, opts, source="command-line override"):
+    """``cfg.merge_from_list(opts)`` with errors that name the key, the value and close matches."""
+    opts = [str(o) if not isinstance(o, str) else o for o in (opts or [])]
+    if len(opts) % 2:
+        raise ConfigValueError(
+            f"{source}s must be KEY VALUE pairs, got an odd number of items: {opts}. "
+            "Put them after all --flags, and quote values with spaces: SOLVER.STEPS \"(100, 200)\""
+        )
+    for key, value in zip(opts[0::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except AssertionError as e:
+            if "Non-existent key" in str(e):
+                raise _unknown_key_error(cfg, key, f"{source} {key} {value}") from None
+            raise ConfigValueError(f"{source} {key} {value}: {e}") from None
+        except KeyError as e:
+            raise _unknown_key_error(cfg, key, f"{source} {key} {value}") from None
+        except ValueError as e:
+            raise _value_error(e, f"{source} {key} {value}") from None
+    return cfg

@@ -1,0 +1,218 @@
+"""``ReliableTrainerMixin``: what a long training run needs to survive bad data and faults,
+as a mixin for Detectron2's ``DefaultTrainer``::
+
+    class Trainer(ReliableTrainerMixin, DefaultTrainer): ...
+
+* Data: the training loader of :mod:`gfocalv2.data.loader` (datasets checked at start-up,
+  unreadable images skipped with a warning, data order a function of (seed, iteration));
+  the test loader over checked datasets, with failures naming the image.
+* Resume: ``resume_or_load`` puts the loader at the resumed iteration (and the data seed
+  saved in the checkpoint), so a resumed run trains on exactly the batches an uninterrupted
+  one would: same weights, bit for bit, on CPU.
+* Checkpoints: written atomically (:class:`~gfocalv2.engine.checkpoint.GFocalCheckpointer`),
+  loads checked (missing file, other architecture, other class count).
+* Faults during a step: a non-finite loss is caught before ``backward()``
+  (:class:`~gfocalv2.engine.hooks.LossGuard`); for it, and for any other failure before the
+  update (data loading, forward), the state after the previous iteration is saved as a
+  regular checkpoint (``model_{iter-1}.pth`` + ``last_checkpoint``) unless the periodic
+  checkpointer already has it, so ``--resume`` continues from there.
+* Evaluation: a model that predicts nothing gets AP 0 for every metric, not NaN / ``{}``.
+"""
+import logging
+import math
+import os
+from collections import OrderedDict
+
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+from .checkpoint import checkpointer_for
+from .hooks import DataSeedHook, LossGuard, NonFiniteLossError
+
+__all__ = ["ReliableTrainerMixin", "NothingPredictedEvaluator"]
+
+logger = logging.getLogger(__name__)
+
+
+class NothingPredictedEvaluator(DatasetEvaluator):
+    """Wraps an evaluator; when the model predicted no instance on the whole dataset, every
+    metric of the result (Detectron2's COCOEvaluator gives NaN or ``{}``) becomes 0.0."""
+
+    METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+    def __init__(self, evaluator, dataset_name):
+        self.evaluator = evaluator
+        self.dataset_name = dataset_name
+        self._num_instances = 0
+        self._num_images = 0
+
+    def reset(self):
+        self._num_instances = 0
+        self._num_images = 0
+        self.evaluator.reset()
+
+    def process(self, inputs, outputs):
+        self._num_images += len(outputs)
+        for out in outputs:
+            if isinstance(out, dict) and "instances" in out:
+                self._num_instances += len(out["instances"])
+            else:
+                self._num_instances += 1  # not a detector's output: leave it alone
+        self.evaluator.process(inputs, outputs)
+
+    def evaluate(self):
+        results = self.evaluator.evaluate()
+        total = sum(comm.all_gather(self._num_instances)) if comm.get_world_size() > 1 else self._num_instances
+        images = sum(comm.all_gather(self._num_images)) if comm.get_world_size() > 1 else self._num_images
+        if total > 0 or not comm.is_main_process():
+            return results
+        from detectron2.data import MetadataCatalog
+
+        results = OrderedDict(results or {})
+        bbox = OrderedDict((k, 0.0) for k in self.METRICS)
+        for name in getattr(MetadataCatalog.get(self.dataset_name), "thing_classes", None) or []:
+            bbox[f"AP-{name}"] = 0.0
+        for task, values in list(results.items()):
+            if isinstance(values, dict):
+                results[task] = OrderedDict((k, 0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items())
+                for k in bbox:
+                    results[task].setdefault(k, 0.0)
+        results.setdefault("bbox", bbox)
+        logger.warning(
+            "The model predicted no box on %s (%d images): every AP is reported as 0", self.dataset_name, images
+        )
+        return results
+
+
+class ReliableTrainerMixin:
+    """See the module docstring. Put it before ``DefaultTrainer`` in the bases."""
+
+    # ------------------------------------------------------------------ set-up
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        inner = self._trainer
+        self._loss_guard = LossGuard(inner.model, lambda: self.iter)
+        inner.model = self._loss_guard
+
+    @property
+    def model(self):
+        """The model itself (the inner trainer calls it through the LossGuard)."""
+        model = self._trainer.model
+        return model.module if isinstance(model, LossGuard) else model
+
+    @model.setter
+    def model(self, value):
+        self._trainer.model = value
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from ..data.loader import build_resumable_train_loader
+
+        return build_resumable_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from ..data.loader import build_checked_test_loader
+
+        return build_checked_test_loader(cfg, dataset_name)
+
+    def _train_sampler(self):
+        loader = getattr(self._trainer, "data_loader", None)
+        from ..data.loader import ResumableBatchSampler
+
+        sampler = getattr(loader, "batch_sampler", None)
+        return sampler if isinstance(sampler, ResumableBatchSampler) else None
+
+    def build_hooks(self):
+        old = self.checkpointer  # DefaultTrainer's; same arguments, atomic saves + checked loads
+        self.checkpointer = checkpointer_for(self.cfg, old.model, old.save_dir, **old.checkpointables)
+        hooks = super().build_hooks()
+        sampler = self._train_sampler()
+        if sampler is not None:
+            hooks.append(DataSeedHook(sampler))
+        return hooks
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        sampler = self._train_sampler()
+        if sampler is None:
+            if self.start_iter > 0:
+                logger.warning("The training loader is not resumable: the data order after a resume differs")
+            return
+        sampler.set_start_iter(self.start_iter)
+        inner = self._trainer
+        if "_data_loader_iter_obj" in vars(inner):  # newer Detectron2: created lazily
+            inner._data_loader_iter_obj = None
+        else:
+            inner._data_loader_iter = iter(inner.data_loader)
+        if self.start_iter:
+            logger.info("Training data resumes at iteration %d (seed %d)", self.start_iter, sampler.seed)
+
+    def state_dict(self):
+        # Detectron2 0.6's DefaultTrainer saves neither the optimizer nor the AMP grad scaler
+        # (later versions do, under "_trainer"): without them a resumed run restarts SGD
+        # momentum from zero and diverges from the uninterrupted run.
+        ret = super().state_dict()
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning(
+                "The checkpoint has no optimizer state (written by Detectron2's DefaultTrainer 0.6?): "
+                "SGD momentum restarts from zero"
+            )
+
+    # ------------------------------------------------------------------ steps
+    def run_step(self):
+        self._loss_guard.begin_step()
+        try:
+            super().run_step()
+        except BaseException as e:
+            if not self._loss_guard.returned:  # nothing of this step was applied
+                saved = self._save_last_good_state()
+                if isinstance(e, NonFiniteLossError):
+                    e.args = (
+                        f"{e} {saved} Then lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable "
+                        "SOLVER.CLIP_GRADIENTS, and check these images' annotations.",
+                    )
+            raise
+
+    def _save_last_good_state(self):
+        """Checkpoint of the state after iteration ``self.iter - 1``; returns a sentence saying where."""
+        last = self.iter - 1
+        if last < self.start_iter:
+            return "Nothing was trained in this run yet; the last checkpoint (if any) is the last good state."
+        name = f"model_{last:07d}"
+        path = os.path.join(self.checkpointer.save_dir, name + ".pth")
+        if os.path.isfile(path):
+            return f"The last good state (after iteration {last}) is {path}; resume from it with --resume."
+        if not comm.is_main_process():
+            return "The main process saves the last good state."
+        it = self.iter
+        try:
+            self.iter = last  # the trainer state stores self.iter as the iteration that just finished
+            self.checkpointer.save(name, iteration=last)
+        except Exception as err:  # noqa: BLE001  (never hide the original error)
+            logger.error("Could not save the last good state to %s: %s", path, err)
+            return f"Saving the last good state to {path} failed ({err})."
+        finally:
+            self.iter = it
+        logger.warning("Saved the last good state (after iteration %d) to %s", last, path)
+        return f"The last good state (after iteration {last}) was saved to {path}; resume from it with --resume."
+
+    # -------------------------------------------------------------- evaluation
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        if evaluators is None:
+            evaluators = []
+            for name in cfg.DATASETS.TEST:
+                try:
+                    evaluators.append(NothingPredictedEvaluator(cls.build_evaluator(cfg, name), name))
+                except NotImplementedError:
+                    return super().test(cfg, model, None)
+        return super().test(cfg, model, evaluators)

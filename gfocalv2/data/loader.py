@@ -176,7 +176,7 @@ class RobustMapDataset(torchdata.Dataset):
         self.mapper = mapper
         self.seed = int(seed)
         self.max_consecutive_failures = max(0, int(max_consecutive_failures))
-        self._consecutive = []  # recent consecutive failures: (file, reason)
+        self._consecutive = []  # reasons of the current run of consecutive failures
         self._reported = OrderedDict()
         self.num_failures = 0
 
@@ -186,13 +186,15 @@ class RobustMapDataset(torchdata.Dataset):
     def _fail(self, record, error):
         name = record.get("file_name", f"image_id {record.get('image_id')}")
         reason = str(error) if error is not None else "the mapper returned None"
+        if str(name) not in reason:
+            reason = f"{name}: {reason}"
         self.num_failures += 1
-        self._consecutive.append((name, reason))
+        self._consecutive.append(reason)
         if name not in self._reported:
             self._reported[name] = reason
-            logger.warning("Skipping training image %s: %s (another image takes its place)", name, reason)
+            logger.warning("Skipping training image (another image takes its place): %s", reason)
         if len(self._consecutive) > self.max_consecutive_failures:
-            listed = "\n  ".join(f"{n}: {r}" for n, r in self._consecutive[-10:])
+            listed = "\n  ".join(self._consecutive[-10:])
             raise DataLoadingError(
                 f"{len(self._consecutive)} training images in a row could not be loaded "
                 f"(DATALOADER.MAX_CONSECUTIVE_FAILURES is {self.max_consecutive_failures}); the data is "

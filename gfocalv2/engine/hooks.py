@@ -72,6 +72,7 @@ class LossGuard:
         self.__dict__["_model"] = model
         self.__dict__["_get_iteration"] = get_iteration
         self.__dict__["returned"] = False
+        self.__dict__["last_batch"] = []
 
     @property
     def module(self):
@@ -90,6 +91,7 @@ class LossGuard:
         self.__dict__["returned"] = False
 
     def __call__(self, data, *args, **kwargs):
+        self.__dict__["last_batch"] = describe_batch(data)  # image ids + files of the current step
         loss_dict = self._model(data, *args, **kwargs)
         if not self._model.training:  # inference outputs, not losses
             return loss_dict
@@ -97,7 +99,7 @@ class LossGuard:
         if not _all_finite(losses):
             it = self._get_iteration()
             values = {k: float(v.detach().float().sum()) for k, v in losses.items() if isinstance(v, torch.Tensor)}
-            images = describe_batch(data)
+            images = self.last_batch
             terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
             raise NonFiniteLossError(
                 f"Non-finite loss at iteration {it}: {terms}. Batch: {'; '.join(images) or '(unknown)'}.",

@@ -1,0 +1,294 @@
+"""Faults during training: non-finite loss, interruption + resume (bit-identical), data that
+disappears mid-run, crashes while saving checkpoints, and evaluation of a model that
+predicts nothing."""
+import itertools
+import os
+
+import pytest
+import torch
+
+from reliability_utils import capture_logs, make_trainer, messages, register, tiny_cfg, write_coco
+
+from detectron2.engine import HookBase
+
+from gfocalv2.data import DataLoadingError
+from gfocalv2.engine.checkpoint import atomic_torch_save, atomic_write_text
+from gfocalv2.engine.hooks import NonFiniteLossError
+
+SIZES = [(64, 64), (80, 48), (48, 80), (64, 64), (72, 56), (56, 72), (64, 48), (64, 64)]
+# multi-scale + flips + aspect-ratio grouping: every source of data randomness is exercised
+RANDOM_INPUT = ["INPUT.RANDOM_FLIP", "horizontal", "INPUT.MIN_SIZE_TRAIN", "(40, 48, 56, 64)",
+                "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    json_path, image_dir, _ = write_coco(root, sizes=SIZES)
+    return register("rel_train", json_path, image_dir)
+
+
+class Record(HookBase):
+    """Per iteration: the learning rate used and the batch's images."""
+
+    def __init__(self):
+        self.lr, self.batches = {}, {}
+
+    def before_step(self):
+        self.lr[self.trainer.iter] = self.trainer.optimizer.param_groups[0]["lr"]
+
+    def after_step(self):
+        self.batches[self.trainer.iter] = list(self.trainer._loss_guard.last_batch)
+
+
+class Killed(BaseException):
+    pass
+
+
+class KillAfter(HookBase):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            raise Killed()
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _same_weights(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cfg(out, dataset, max_iter, extra=()):
+    return tiny_cfg(out, dataset, dataset, max_iter=max_iter,
+                    extra=["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "SOLVER.WARMUP_ITERS", "3",
+                           "SOLVER.STEPS", "(5,)", *RANDOM_INPUT, *extra])
+
+
+def test_resume_after_interruption_is_bit_identical(dataset, tmp_path):
+    max_iter = 8
+    full = make_trainer(_cfg(tmp_path / "full", dataset, max_iter))
+    rec_full = Record()
+    full.register_hooks([rec_full])
+    full.train()
+
+    out = tmp_path / "interrupted"
+    first = make_trainer(_cfg(out, dataset, max_iter))
+    first.register_hooks([KillAfter(4)])  # iteration 4 is done but not checkpointed: lost, as with kill -9
+    with pytest.raises(Killed):
+        first.train()
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+
+    resumed = make_trainer(_cfg(out, dataset, max_iter), resume=True)
+    assert resumed.start_iter == 4
+    rec = Record()
+    resumed.register_hooks([rec])
+    resumed.train()
+
+    assert rec.lr == {i: rec_full.lr[i] for i in range(4, max_iter)}  # warm-up and step schedule continue
+    assert rec.batches == {i: rec_full.batches[i] for i in range(4, max_iter)}  # same images, same order
+    assert _same_weights(_weights(out / "model_final.pth")["model"], _weights(tmp_path / "full" / "model_final.pth")["model"])
+    # the optimizer state (SGD momentum) went through the checkpoint too
+    opt_a = _weights(out / "model_final.pth")["trainer"]["_trainer"]["optimizer"]["state"]
+    opt_b = _weights(tmp_path / "full" / "model_final.pth")["trainer"]["_trainer"]["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys() and all(
+        torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"]) for k in opt_a
+    )
+
+
+def test_data_order_depends_only_on_seed_and_iteration(dataset, tmp_path):
+    from gfocalv2.data import build_resumable_train_loader
+
+    cfg = _cfg(tmp_path, dataset, 8)
+    loader = build_resumable_train_loader(cfg)
+    it = iter(loader)
+    full = [[(d["file_name"], tuple(d["image"].shape), d["instances"].gt_boxes.tensor.sum().item()) for d in next(it)] for _ in range(6)]
+    loader.batch_sampler.set_start_iter(3)
+    it = iter(loader)
+    tail = [[(d["file_name"], tuple(d["image"].shape), d["instances"].gt_boxes.tensor.sum().item()) for d in next(it)] for _ in range(3)]
+    assert tail == full[3:]
+    sampler = loader.batch_sampler
+    sampler.set_start_iter(0)
+    batches = list(itertools.islice(iter(sampler), 20))
+    assert all(len({sampler.groups[i] for i, _ in batch}) == 1 for batch in batches)  # aspect-ratio grouping
+    positions = [pos for batch in batches for _, pos in batch]
+    assert len(set(positions)) == len(positions)  # each stream position is used once
+
+
+def test_non_finite_loss_stops_with_iteration_losses_images_and_last_good_checkpoint(dataset, tmp_path):
+    out = tmp_path / "nan"
+    trainer = make_trainer(_cfg(out, dataset, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
+    model = trainer.model
+    original_losses = model.losses
+    calls = {"n": 0}
+
+    def losses(*args, **kwargs):
+        result = original_losses(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # iteration 3
+            result["loss_giou"] = result["loss_giou"] * float("nan")
+        return result
+
+    model.losses = losses
+    with pytest.raises(FloatingPointError) as e:
+        trainer.train()
+    err = e.value
+    assert isinstance(err, NonFiniteLossError) and err.iteration == 3
+    msg = str(err)
+    assert "Non-finite loss at iteration 3" in msg and "loss_giou=nan" in msg and "loss_qfl=" in msg
+    batch = trainer._loss_guard.last_batch
+    assert len(batch) == 2 and all(b in msg for b in batch) and "img_" in msg
+    assert f"saved to {out / 'model_0000002.pth'}" in msg and "--resume" in msg
+    ckpt = _weights(out / "model_0000002.pth")
+    assert ckpt["iteration"] == 2 and (out / "last_checkpoint").read_text() == "model_0000002.pth"
+    # the checkpoint is the state before the bad step, which was never applied
+    current = {k: v for k, v in model.state_dict().items()}
+    assert _same_weights(ckpt["model"], current)
+    assert all(torch.isfinite(v).all() for v in current.values() if v.is_floating_point())
+    resumed = make_trainer(_cfg(out, dataset, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True)
+    assert resumed.start_iter == 3
+
+
+def test_images_vanishing_mid_run_stop_with_a_checkpoint(tmp_path):
+    json_path, image_dir, _ = write_coco(tmp_path / "d", sizes=[(64, 64)] * 4)
+    name = register("rel_vanish", json_path, image_dir)
+
+    class DeleteImages(HookBase):
+        def after_step(self):
+            if self.trainer.iter == 2:
+                for f in os.listdir(image_dir):
+                    os.remove(os.path.join(image_dir, f))
+
+    out = tmp_path / "out"
+    trainer = make_trainer(_cfg(out, name, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.MAX_CONSECUTIVE_FAILURES", "3"]))
+    trainer.register_hooks([DeleteImages()])
+    with capture_logs() as logs, pytest.raises(DataLoadingError, match=r"(?s)4 training images in a row could not be loaded.*img_\d.png does not exist"):
+        trainer.train()
+    assert "Saved the last good state (after iteration 2)" in messages(logs)
+    assert _weights(out / "model_0000002.pth")["iteration"] == 2
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    import gfocalv2.engine.checkpoint as ck
+
+    path = tmp_path / "model_final.pth"
+    atomic_torch_save({"v": torch.ones(3)}, path)
+    atomic_write_text(tmp_path / "last_checkpoint", "model_final.pth")
+
+    def crash(obj, f):  # writes half a file, then the process "dies"
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"v": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["v"], torch.ones(3))  # the old file, intact
+
+    def crash_text(f):
+        f.write("model_00")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ck._atomic_write(str(tmp_path / "last_checkpoint"), crash_text, "w")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]  # no temp file left
+
+
+def test_trainer_checkpoints_go_through_the_atomic_writer(dataset, tmp_path, monkeypatch):
+    import gfocalv2.engine.checkpoint as ck
+
+    written = []
+    real = ck._atomic_write
+    monkeypatch.setattr(ck, "_atomic_write", lambda path, write, mode: (written.append(os.path.basename(path)), real(path, write, mode)))
+    make_trainer(_cfg(tmp_path, dataset, 2, extra=["SOLVER.CHECKPOINT_PERIOD", "1"])).train()
+    assert written == ["model_0000000.pth", "last_checkpoint", "model_0000001.pth", "last_checkpoint",
+                       "model_final.pth", "last_checkpoint"]
+
+
+def test_resume_falls_back_when_the_last_checkpoint_is_truncated(dataset, tmp_path):
+    out = tmp_path / "run"
+    make_trainer(_cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "2"])).train()
+    final = out / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:2000])  # as a crash of a non-atomic writer would leave it
+    with capture_logs() as logs:
+        resumed = make_trainer(_cfg(out, dataset, 6, extra=["SOLVER.CHECKPOINT_PERIOD", "2"]), resume=True)
+    assert resumed.start_iter == 4  # from model_0000003.pth
+    text = messages(logs)
+    assert "model_final.pth" in text and "resumed from" in text and "model_0000003.pth" in text
+
+
+def test_evaluating_a_model_that_predicts_nothing_gives_zeros(tmp_path):
+    from gfocalv2.engine import Trainer
+
+    json_path, image_dir, _ = write_coco(tmp_path / "d", sizes=[(64, 64)] * 3)
+    name = register("rel_eval_nothing", json_path, image_dir)
+    cfg = tiny_cfg(tmp_path / "out", name, name, extra=["MODEL.GFOCAL.SCORE_THRESH_TEST", "1.0"])
+    model = Trainer.build_model(cfg)
+    with capture_logs() as logs:
+        results = Trainer.test(cfg, model)
+    bbox = results["bbox"]
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-a", "AP-b", "AP-c"} <= set(bbox)
+    assert all(v == 0.0 for v in bbox.values()), bbox
+    assert "predicted no box on rel_eval_nothing (3 images)" in messages(logs)
+    # with predictions, the evaluator's own numbers are untouched (NaN where undefined)
+    cfg = tiny_cfg(tmp_path / "out2", name, name, extra=["MODEL.GFOCAL.SCORE_THRESH_TEST", "0.0"])
+    results = Trainer.test(cfg, Trainer.build_model(cfg))
+    assert results["bbox"]["AP"] >= 0.0
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_path):
+    """train_net.py in a subprocess, SIGKILLed after iteration 4, resumed with --resume."""
+    import signal
+    import subprocess
+    import sys
+
+    from detectron2.data import MetadataCatalog
+
+    from reliability_utils import small_opts
+    from helpers_workflow import DIGITS_CONFIG, REPO
+
+    meta = MetadataCatalog.get(dataset)
+    def argv(out, extra=()):
+        return ["--config-file", str(DIGITS_CONFIG), *extra, "--register-coco", "rel_kill", meta.json_file, meta.image_root,
+                *small_opts(out, "rel_kill", "rel_kill", max_iter=8),
+                "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "SOLVER.WARMUP_ITERS", "3", "SOLVER.STEPS", "(5,)", *RANDOM_INPUT]
+
+    runner = (
+        "import sys, os, signal\n"
+        "import gfocalv2\n"
+        "sys.path.insert(0, %r)\n"
+        "import train_net\n"
+        "from detectron2.engine import HookBase\n"
+        "from gfocalv2.engine import Trainer\n"
+        "class Kill(HookBase):\n"
+        "    def after_step(self):\n"
+        "        if self.trainer.iter == int(os.environ.get('KILL_AT', '-1')):\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "orig = Trainer.build_hooks\n"
+        "Trainer.build_hooks = lambda self: orig(self) + [Kill()]\n"
+        "sys.argv = ['train_net.py'] + sys.argv[1:]\n"
+        "train_net.invoke_main()\n"
+    ) % str(REPO)
+    script = tmp_path / "run.py"
+    script.write_text(runner)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(out, kill_at=-1, extra=()):
+        return subprocess.run([sys.executable, str(script), *[str(a) for a in argv(out, extra)]],
+                              env=dict(env, KILL_AT=str(kill_at)), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run(tmp_path / "killed", kill_at=4)
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "killed" / "last_checkpoint").read_text() == "model_0000003.pth"
+    resumed = run(tmp_path / "killed", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Starting training from iteration 4" in resumed.stderr + resumed.stdout
+    assert _same_weights(_weights(tmp_path / "killed" / "model_final.pth")["model"],
+                         _weights(tmp_path / "full" / "model_final.pth")["model"])

@@ -15,8 +15,8 @@ Tasks:
 * ``data``: time per batch of Detectron2's training data loader over
   ``DATASETS.TRAIN`` (no model).
 
-``--compare`` adds models built with the *same* backbone depth/norm/freezing, FPN
-channels, tower depth, number of classes and input:
+``--compare`` adds models built with the *same* ResNet (depth, norm, frozen stages, stride
+placement), FPN channels, tower depth, number of classes and input:
 
 * ``retinanet``: Detectron2's model-zoo ``COCO-Detection/retinanet_R_50_FPN_1x.yaml``;
 * ``fcos``: Detectron2's model-zoo LazyConfig ``COCO-Detection/fcos_R_50_FPN_1x.py``;
@@ -36,6 +36,13 @@ model's classification logits by fixed synthetic ones in which ``K`` (location, 
 pairs per image score in [0.1, 0.95] and all others ~3e-4, so every model's
 post-processing ranks, decodes and NMS-es a realistic number of candidates (the same
 number for every model). ``--detections 0`` keeps the raw random-weight outputs.
+
+Other options: ``--amp`` (autocast: bfloat16 on CPU, float16 on CUDA), ``--channels-last``
+(every model in NHWC), ``--flops`` (GFLOPs of each model's backbone and head, counted once,
+untimed), ``--json FILE`` (the summary). On a CPU shared with other jobs use
+``--threads 1 --timer cpu``: several OpenMP threads on a contended core wait at every
+barrier for the preempted one (runs become several times slower and erratic), and the
+process CPU time leaves out the time spent waiting for a core.
 """
 import argparse
 import contextlib

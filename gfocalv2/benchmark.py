@@ -400,7 +400,7 @@ def train_step(model: nn.Module, batch: List[Dict], optimizer: torch.optim.Optim
         t["losses forward"] = t.pop("targets+losses forward") - t["targets"]
         order = ("preprocess", "backbone+head forward", "targets", "losses forward", "losses backward")
         sw.times = OrderedDict([(k, t.pop(k)) for k in order] + list(t.items()))
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def count_flops(model: nn.Module, batch: List[Dict]) -> Dict[str, float]:

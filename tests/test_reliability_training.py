@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 from reliability_utils import capture_logs, make_trainer, messages, register, tiny_cfg, write_coco
 
@@ -292,3 +293,50 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
     assert "Starting training from iteration 4" in resumed.stderr + resumed.stdout
     assert _same_weights(_weights(tmp_path / "killed" / "model_final.pth")["model"],
                          _weights(tmp_path / "full" / "model_final.pth")["model"])
+
+
+def test_test_sets_are_checked_when_the_trainer_is_built(dataset, tmp_path):
+    from gfocalv2.data import DatasetError
+    from gfocalv2.engine import Trainer
+
+    json_path, image_dir, _ = write_coco(tmp_path / "val", sizes=[(64, 64)] * 3)
+    os.remove(os.path.join(image_dir, "img_2.png"))
+    val = register("rel_val_missing", json_path, image_dir)
+    cfg = tiny_cfg(tmp_path / "out", dataset, val)
+    with pytest.raises(DatasetError, match=r"'rel_val_missing'.*used for evaluation: 1 of 3 images do not exist: .*img_2.png"):
+        Trainer(cfg)
+
+
+def test_a_failing_evaluation_during_training_saves_the_finished_iteration(dataset, tmp_path):
+    json_path, image_dir, _ = write_coco(tmp_path / "val", sizes=[(64, 64)] * 2)
+    val = register("rel_val_vanish", json_path, image_dir)
+
+    class DeleteValImage(HookBase):
+        def after_step(self):
+            if self.trainer.iter == 1:
+                os.remove(os.path.join(image_dir, "img_1.png"))
+
+    out = tmp_path / "out"
+    cfg = tiny_cfg(out, dataset, val, max_iter=6, extra=["TEST.EVAL_PERIOD", "3", "SOLVER.CHECKPOINT_PERIOD", "100"])
+    trainer = make_trainer(cfg)
+    trainer.register_hooks([DeleteValImage()])
+    with pytest.raises(Exception, match="img_1.png"):
+        trainer.train()
+    ckpt = _weights(out / "model_0000002.pth")
+    assert ckpt["iteration"] == 2 and (out / "last_checkpoint").read_text() == "model_0000002.pth"
+    with pytest.raises(Exception, match="img_1.png"):  # still missing: refused at start-up
+        make_trainer(cfg, resume=True)
+    Image.new("RGB", (64, 64)).save(os.path.join(image_dir, "img_1.png"))  # restored
+    assert make_trainer(cfg, resume=True).start_iter == 3
+
+
+def test_data_order_does_not_depend_on_the_number_of_workers(dataset, tmp_path):
+    from gfocalv2.data import build_resumable_train_loader
+
+    def batches(workers):
+        cfg = _cfg(tmp_path, dataset, 8, extra=["DATALOADER.NUM_WORKERS", str(workers)])
+        it = iter(build_resumable_train_loader(cfg))
+        return [[(d["file_name"], d["image"].sum().item(), d["instances"].gt_boxes.tensor.sum().item()) for d in next(it)]
+                for _ in range(4)]
+
+    assert batches(0) == batches(2)

@@ -23,6 +23,7 @@ import math
 import os
 from collections import OrderedDict
 
+from detectron2.engine.hooks import EvalHook
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
@@ -93,6 +94,10 @@ class ReliableTrainerMixin:
         inner = self._trainer
         self._loss_guard = LossGuard(inner.model, lambda: self.iter)
         inner.model = self._loss_guard
+        # Check the test sets now (registered, files present, class count), not at the first
+        # evaluation hours later: building their loaders loads and validates them.
+        for name in self.cfg.DATASETS.TEST:
+            type(self).build_test_loader(self.cfg, name)
 
     @property
     def model(self):
@@ -127,6 +132,9 @@ class ReliableTrainerMixin:
         old = self.checkpointer  # DefaultTrainer's; same arguments, atomic saves + checked loads
         self.checkpointer = checkpointer_for(self.cfg, old.model, old.save_dir, **old.checkpointables)
         hooks = super().build_hooks()
+        for hook in hooks:
+            if isinstance(hook, EvalHook) and hasattr(hook, "_func"):
+                hook._func = self._checkpoint_if_fails(hook._func)
         sampler = self._train_sampler()
         if sampler is not None:
             hooks.append(DataSeedHook(sampler))
@@ -182,28 +190,47 @@ class ReliableTrainerMixin:
                     )
             raise
 
+    def _checkpoint_if_fails(self, evaluate):
+        """An evaluation that fails during training first saves the state of the iteration that
+        has just finished (its periodic hooks, LR step and checkpointer included, have run)."""
+
+        def guarded():
+            try:
+                return evaluate()
+            except BaseException:
+                if self.iter < self.max_iter:  # during training (after_train has iter == max_iter)
+                    self._save_state(self.iter, "before the failed evaluation")
+                raise
+
+        return guarded
+
     def _save_last_good_state(self):
-        """Checkpoint of the state after iteration ``self.iter - 1``; returns a sentence saying where."""
-        last = self.iter - 1
-        if last < self.start_iter:
+        """Checkpoint of the state after iteration ``self.iter - 1`` (the current step failed before
+        changing anything); returns a sentence saying where."""
+        if self.iter - 1 < self.start_iter:
             return "Nothing was trained in this run yet; the last checkpoint (if any) is the last good state."
-        name = f"model_{last:07d}"
+        return self._save_state(self.iter - 1, "the last good state")
+
+    def _save_state(self, iteration, what):
+        """Save the current state as the checkpoint of ``iteration`` (unless the periodic
+        checkpointer already did); returns a sentence saying where."""
+        name = f"model_{iteration:07d}"
         path = os.path.join(self.checkpointer.save_dir, name + ".pth")
         if os.path.isfile(path):
-            return f"The last good state (after iteration {last}) is {path}; resume from it with --resume."
+            return f"The state after iteration {iteration} is {path}; resume from it with --resume."
         if not comm.is_main_process():
-            return "The main process saves the last good state."
+            return "The main process saves the state."
         it = self.iter
         try:
-            self.iter = last  # the trainer state stores self.iter as the iteration that just finished
-            self.checkpointer.save(name, iteration=last)
+            self.iter = iteration  # the trainer state stores self.iter as the iteration that just finished
+            self.checkpointer.save(name, iteration=iteration)
         except Exception as err:  # noqa: BLE001  (never hide the original error)
-            logger.error("Could not save the last good state to %s: %s", path, err)
-            return f"Saving the last good state to {path} failed ({err})."
+            logger.error("Could not save %s to %s: %s", what, path, err)
+            return f"Saving the state after iteration {iteration} to {path} failed ({err})."
         finally:
             self.iter = it
-        logger.warning("Saved the last good state (after iteration %d) to %s", last, path)
-        return f"The last good state (after iteration {last}) was saved to {path}; resume from it with --resume."
+        logger.warning("Saved %s (after iteration %d) to %s", what, iteration, path)
+        return f"The state after iteration {iteration} was saved to {path}; resume from it with --resume."
 
     # -------------------------------------------------------------- evaluation
     @classmethod

@@ -142,15 +142,38 @@ def test_non_finite_loss_stops_with_iteration_losses_images_and_last_good_checkp
     assert "Non-finite loss at iteration 3" in msg and "loss_giou=nan" in msg and "loss_qfl=" in msg
     batch = trainer._loss_guard.last_batch
     assert len(batch) == 2 and all(b in msg for b in batch) and "img_" in msg
-    assert f"saved to {out / 'model_0000002.pth'}" in msg and "--resume" in msg
+    assert f"saved to {out / 'model_0000002.pth'}" in msg and "run again with --resume" in msg
     ckpt = _weights(out / "model_0000002.pth")
     assert ckpt["iteration"] == 2 and (out / "last_checkpoint").read_text() == "model_0000002.pth"
-    # the checkpoint is the state before the bad step, which was never applied
+    # the checkpoint is the state before the bad step, which was never applied (not even the
+    # BatchNorm statistics of its forward pass): the same as an uninterrupted run's after iteration 2
     current = {k: v for k, v in model.state_dict().items()}
     assert _same_weights(ckpt["model"], current)
     assert all(torch.isfinite(v).all() for v in current.values() if v.is_floating_point())
+    reference = tmp_path / "reference"
+    make_trainer(_cfg(reference, dataset, 3, extra=["SOLVER.CHECKPOINT_PERIOD", "3"])).train()
+    assert _same_weights(ckpt["model"], _weights(reference / "model_final.pth")["model"])
     resumed = make_trainer(_cfg(out, dataset, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True)
     assert resumed.start_iter == 3
+
+
+def test_divergence_stops_without_saving_non_finite_weights(dataset, tmp_path):
+    """A real divergence (huge learning rate): finite losses, then overflowing weights/statistics."""
+    from gfocalv2.engine.checkpoint import NonFiniteWeightsError
+
+    out = tmp_path / "diverge"
+    cfg = _cfg(out, dataset, 30, extra=["SOLVER.BASE_LR", "1e6", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1"])
+    with pytest.raises(FloatingPointError) as e:
+        make_trainer(cfg).train()
+    assert isinstance(e.value, (NonFiniteLossError, NonFiniteWeightsError))
+    msg = str(e.value)
+    assert "not finite" in msg or "NaN/inf" in msg or "Non-finite" in msg
+    assert "SOLVER.BASE_LR" in msg
+    last = (out / "last_checkpoint").read_text() if (out / "last_checkpoint").exists() else None
+    if last:  # whatever was saved and tagged is usable
+        assert last in msg
+        state = _weights(out / last)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_images_vanishing_mid_run_stop_with_a_checkpoint(tmp_path):

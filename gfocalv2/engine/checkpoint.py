@@ -23,7 +23,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["GFocalCheckpointer", "CheckpointError", "UnreadableCheckpointError", "atomic_torch_save", "atomic_write_text", "checkpointer_for"]
+__all__ = ["GFocalCheckpointer", "CheckpointError", "UnreadableCheckpointError", "NonFiniteWeightsError", "atomic_torch_save", "atomic_write_text", "checkpointer_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,19 @@ class CheckpointError(RuntimeError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """The weights to save are NaN/inf; the message names the last good checkpoint."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+def _finite_state(state):
+    from .hooks import all_finite_tensors
+
+    return all_finite_tensors([v for v in state.values() if isinstance(v, torch.Tensor)])
 
 
 class UnreadableCheckpointError(CheckpointError):
@@ -100,6 +113,13 @@ class GFocalCheckpointer(DetectionCheckpointer):
         if not _is_local(self.save_dir):
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
+        if not _finite_state(data["model"]):
+            last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+            raise NonFiniteWeightsError(
+                f"Not saving checkpoint {name}.pth: the model's weights are NaN/inf (training diverged). "
+                f"The last good checkpoint is {last or '(none)'}: lower SOLVER.BASE_LR, lengthen "
+                "SOLVER.WARMUP_ITERS or enable SOLVER.CLIP_GRADIENTS and resume from it with --resume."
+            )
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)

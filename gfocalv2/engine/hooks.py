@@ -16,7 +16,7 @@ import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["NonFiniteLossError", "LossGuard", "DataSeedHook", "describe_batch"]
+__all__ = ["NonFiniteLossError", "LossGuard", "guard_optimizer_step", "all_finite_tensors", "DataSeedHook", "describe_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ class LossGuard:
         self.__dict__["_model"] = model
         self.__dict__["_get_iteration"] = get_iteration
         self.__dict__["returned"] = False
+        self.__dict__["buffer_snapshot"] = None
         self.__dict__["last_batch"] = []
+        self.__dict__["last_losses"] = {}
 
     @property
     def module(self):
@@ -89,10 +91,56 @@ class LossGuard:
 
     def begin_step(self):
         self.__dict__["returned"] = False
+        self.__dict__["buffer_snapshot"] = None
+
+    def _running_stat_modules(self):
+        mods = self.__dict__.get("_bn_modules")
+        if mods is None:
+            mods = [
+                m for m in self._model.modules()
+                if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+            ]
+            self.__dict__["_bn_modules"] = mods
+        return mods
+
+    def _snapshot_buffers(self):
+        # A training forward updates BatchNorm running statistics: keep them (they are small)
+        # so that a failed step can be undone completely (see restore_buffers).
+        snap = []
+        for m in self._running_stat_modules():
+            if m.training:
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    b = getattr(m, name, None)
+                    if b is not None:
+                        snap.append((b, b.detach().clone()))
+        self.__dict__["buffer_snapshot"] = snap
+
+    def restore_buffers(self):
+        """Undo the running-statistics updates of the current step's forward pass (if any)."""
+        snap = self.__dict__.get("buffer_snapshot")
+        if snap:
+            with torch.no_grad():
+                for b, saved in snap:
+                    b.copy_(saved)
+        self.__dict__["buffer_snapshot"] = None
 
     def __call__(self, data, *args, **kwargs):
         self.__dict__["last_batch"] = describe_batch(data)  # image ids + files of the current step
-        loss_dict = self._model(data, *args, **kwargs)
+        if self._model.training:
+            self._snapshot_buffers()
+        try:
+            loss_dict = self._model(data, *args, **kwargs)
+        except Exception as e:
+            model = self._model
+            if model.training and not all_finite_tensors(list(model.parameters()) + list(model.buffers())):
+                it = self._get_iteration()
+                raise NonFiniteLossError(
+                    f"The model's weights are not finite at iteration {it}: the update of an earlier iteration "
+                    f"diverged (finite loss and gradients, too large a step), and the forward pass then failed "
+                    f"({type(e).__name__}: {e}). Batch: {'; '.join(self.last_batch) or '(unknown)'}.",
+                    iteration=it, images=list(self.last_batch),
+                ) from e
+            raise
         if not self._model.training:  # inference outputs, not losses
             return loss_dict
         losses = loss_dict if isinstance(loss_dict, dict) else {"total_loss": loss_dict}
@@ -105,8 +153,49 @@ class LossGuard:
                 f"Non-finite loss at iteration {it}: {terms}. Batch: {'; '.join(images) or '(unknown)'}.",
                 iteration=it, losses=values, images=images,
             )
+        self.__dict__["last_losses"] = {k: v.detach() for k, v in losses.items() if isinstance(v, torch.Tensor)}
         self.__dict__["returned"] = True
         return loss_dict
+
+
+def all_finite_tensors(tensors):
+    """True if every tensor of the list has only finite values (one synchronization)."""
+    tensors = [t for t in tensors if t is not None and t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    try:
+        norms = torch._foreach_norm([t.detach() for t in tensors])
+    except (RuntimeError, AttributeError, TypeError):  # mixed devices/dtypes, sparse: one by one
+        norms = [t.detach().float().norm() for t in tensors]
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all().item())
+
+
+def guard_optimizer_step(optimizer, on_update, get_iteration, get_guard):
+    """Make ``optimizer.step()`` check that all gradients are finite first: a finite loss can
+    still give inf/NaN gradients (an exploding step) that would make every weight NaN.
+    Raises :class:`NonFiniteLossError` before the update; calls ``on_update()`` just before a
+    real update. (Under AMP, GradScaler skips ``step()`` itself when gradients overflow.)"""
+    import types
+
+    real_step = optimizer.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not all_finite_tensors(grads):
+            guard = get_guard()
+            it = get_iteration()
+            values = {k: float(v.float().sum()) for k, v in guard.last_losses.items()}
+            terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            raise NonFiniteLossError(
+                f"Non-finite gradient at iteration {it} (the losses were finite: {terms}); the update was not "
+                f"applied. Batch: {'; '.join(guard.last_batch) or '(unknown)'}.",
+                iteration=it, losses=values, images=list(guard.last_batch),
+            )
+        on_update()
+        return real_step(*args, **kwargs)
+
+    optimizer.step = types.MethodType(step, optimizer)  # bound, as LR schedulers expect to re-wrap it
+    return optimizer
 
 
 class DataSeedHook(HookBase):

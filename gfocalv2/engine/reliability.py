@@ -28,7 +28,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import checkpointer_for
-from .hooks import DataSeedHook, LossGuard, NonFiniteLossError
+from .hooks import DataSeedHook, LossGuard, NonFiniteLossError, all_finite_tensors, guard_optimizer_step
 
 __all__ = ["ReliableTrainerMixin", "NothingPredictedEvaluator"]
 
@@ -94,6 +94,10 @@ class ReliableTrainerMixin:
         inner = self._trainer
         self._loss_guard = LossGuard(inner.model, lambda: self.iter)
         inner.model = self._loss_guard
+        self._update_started = False
+        guard_optimizer_step(
+            inner.optimizer, lambda: setattr(self, "_update_started", True), lambda: self.iter, lambda: self._loss_guard
+        )
         # Check the test sets now (registered, files present, class count), not at the first
         # evaluation hours later: building their loaders loads and validates them.
         for name in self.cfg.DATASETS.TEST:
@@ -178,15 +182,19 @@ class ReliableTrainerMixin:
     # ------------------------------------------------------------------ steps
     def run_step(self):
         self._loss_guard.begin_step()
+        self._update_started = False
         try:
             super().run_step()
         except BaseException as e:
-            if not self._loss_guard.returned:  # nothing of this step was applied
+            # Failed in data loading, forward, loss check, backward or gradient check: the
+            # weights and optimizer are still those after the previous iteration.
+            if not self._update_started:
+                self._loss_guard.restore_buffers()  # BatchNorm statistics of the failed forward
                 saved = self._save_last_good_state()
                 if isinstance(e, NonFiniteLossError):
                     e.args = (
-                        f"{e} {saved} Then lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable "
-                        "SOLVER.CLIP_GRADIENTS, and check these images' annotations.",
+                        f"{e} {saved} To continue: lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable "
+                        "SOLVER.CLIP_GRADIENTS (and check these images' annotations), then run again with --resume.",
                     )
             raise
 
@@ -209,6 +217,14 @@ class ReliableTrainerMixin:
         changing anything); returns a sentence saying where."""
         if self.iter - 1 < self.start_iter:
             return "Nothing was trained in this run yet; the last checkpoint (if any) is the last good state."
+        model = self.model
+        if not all_finite_tensors(list(model.parameters()) + list(model.buffers())):
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            logger.error("The model's weights are not finite: not saving them over the last checkpoint")
+            return (
+                "The model's weights had already become non-finite (an earlier update diverged), so they were "
+                f"not saved; the last good checkpoint is {last or '(none: start over)'}."
+            )
         return self._save_state(self.iter - 1, "the last good state")
 
     def _save_state(self, iteration, what):
@@ -217,7 +233,7 @@ class ReliableTrainerMixin:
         name = f"model_{iteration:07d}"
         path = os.path.join(self.checkpointer.save_dir, name + ".pth")
         if os.path.isfile(path):
-            return f"The state after iteration {iteration} is {path}; resume from it with --resume."
+            return f"The state after iteration {iteration} is {path}."
         if not comm.is_main_process():
             return "The main process saves the state."
         it = self.iter
@@ -230,7 +246,7 @@ class ReliableTrainerMixin:
         finally:
             self.iter = it
         logger.warning("Saved %s (after iteration %d) to %s", what, iteration, path)
-        return f"The state after iteration {iteration} was saved to {path}; resume from it with --resume."
+        return f"The state after iteration {iteration} was saved to {path}."
 
     # -------------------------------------------------------------- evaluation
     @classmethod

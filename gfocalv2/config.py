@@ -9,12 +9,16 @@ def add_gfocalv2_config(cfg):
 
     The defaults are the reference implementation's; ``configs/Base-GFocalV2.yaml``
     sets the Detectron2 keys (backbone, input, solver) that the reference also fixes.
-    Also adds the config node of the Res2Net backbone (``MODEL.RES2NET``).
+    Also adds the Res2Net backbone's ``MODEL.RES2NET`` node and the reliability keys
+    (``MODEL.REINIT_HEAD_ON_CLASS_MISMATCH``, ``DATALOADER.MAX_CONSECUTIVE_FAILURES``,
+    ``DATASETS.CHECK_IMAGES``; see ``gfocalv2/engine/config_checks.py``).
     Calling it twice is harmless.
     """
+    from .engine.config_checks import add_reliability_config
     from .modeling.backbone.res2net import add_res2net_config
 
     add_res2net_config(cfg)
+    add_reliability_config(cfg)
     if "GFOCAL" in cfg.MODEL:
         return cfg
     cfg.MODEL.GFOCAL = g = CN()

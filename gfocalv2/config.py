@@ -11,14 +11,17 @@ def add_gfocalv2_config(cfg):
     sets the Detectron2 keys (backbone, input, solver) that the reference also fixes.
     Also adds the Res2Net backbone's ``MODEL.RES2NET`` node and the reliability keys
     (``MODEL.REINIT_HEAD_ON_CLASS_MISMATCH``, ``DATALOADER.MAX_CONSECUTIVE_FAILURES``,
-    ``DATASETS.CHECK_IMAGES``; see ``gfocalv2/engine/config_checks.py``).
+    ``DATASETS.CHECK_IMAGES``; see ``gfocalv2/engine/config_checks.py``) and
+    ``DATASETS.REGISTER_COCO`` (COCO-format datasets registered from the config).
     Calling it twice is harmless.
     """
     from .engine.config_checks import add_reliability_config
+    from .engine.datasets import add_workflow_config
     from .modeling.backbone.res2net import add_res2net_config
 
     add_res2net_config(cfg)
     add_reliability_config(cfg)
+    add_workflow_config(cfg)
     if "GFOCAL" in cfg.MODEL:
         return cfg
     cfg.MODEL.GFOCAL = g = CN()

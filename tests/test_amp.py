@@ -94,3 +94,23 @@ def test_autocast_inference_same_detections():
     # bfloat16's resolution, NMS may keep a neighbour instead (a few percent).
     assert matched[:20].all(), matched[:20]
     assert matched.float().mean() >= 0.95, f"{int((~matched).sum())} of {len(confident)} detections lost under autocast"
+
+
+def test_trainer_with_solver_amp_on_cpu(tmp_path):
+    """SOLVER.AMP.ENABLED on a CPU trains (bfloat16 autocast) instead of failing in AMPTrainer."""
+    from helpers_workflow import DIGITS_CONFIG, make_tiny_dataset, tiny_opts
+
+    from gfocalv2.engine import Trainer, build_cfg, register_coco_datasets
+    from gfocalv2.engine.amp import CPUAutocastTrainer
+
+    data = make_tiny_dataset(tmp_path / "data")
+    register_coco_datasets([["amp_train", *map(str, data["train"])], ["amp_val", *map(str, data["val"])]])
+    opts = tiny_opts(tmp_path / "out", "amp_train", "amp_val", max_iter=2) + ["SOLVER.AMP.ENABLED", "True"]
+    cfg = build_cfg(DIGITS_CONFIG, [str(o) for o in opts])
+    trainer = Trainer(cfg)
+    assert isinstance(trainer._trainer, CPUAutocastTrainer) and trainer.cfg.SOLVER.AMP.ENABLED
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    latest = trainer.storage.latest()
+    for key in ("loss_qfl", "loss_giou", "loss_dfl"):
+        assert torch.isfinite(torch.tensor(latest[key][0])), key

@@ -9,8 +9,9 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator
 
 from ..config import add_gfocalv2_config
-from .datasets import add_workflow_config, check_datasets_registered, get_thing_classes, register_coco_datasets
-from .config_checks import add_reliability_config, merge_config_file, merge_config_list
+from .datasets import check_datasets_registered, get_thing_classes, register_coco_datasets
+from .amp import CPUAutocastMixin
+from .config_checks import merge_config_file, merge_config_list
 from .reliability import ReliableTrainerMixin
 
 __all__ = ["Trainer", "workflow_argument_parser", "build_cfg", "setup_cfg"]
@@ -42,16 +43,6 @@ def _fall_back_to_cpu(cfg):
         cfg.MODEL.DEVICE = "cpu"
 
 
-def add_backbone_configs(cfg):
-    """Add the config nodes of gfocalv2's backbones (``MODEL.RES2NET``) when they exist; idempotent."""
-    try:
-        from ..modeling.backbone import add_res2net_config
-    except ImportError:  # backbone package without Res2Net
-        return cfg
-    add_res2net_config(cfg)
-    return cfg
-
-
 def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     """A GFocalV2 config: Detectron2 defaults + ``MODEL.GFOCAL`` + ``DATASETS.REGISTER_COCO``,
     then ``config_file``, then ``opts`` (``[KEY, VALUE, ...]``), then ``register_coco`` triples.
@@ -61,10 +52,7 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     :func:`setup_cfg` does that for training scripts.
     """
     cfg = get_cfg()
-    add_gfocalv2_config(cfg)
-    add_backbone_configs(cfg)
-    add_workflow_config(cfg)
-    add_reliability_config(cfg)
+    add_gfocalv2_config(cfg)  # MODEL.GFOCAL, MODEL.RES2NET, DATASETS.REGISTER_COCO, reliability keys
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--config-file {config_file} does not exist")
@@ -92,7 +80,7 @@ def setup_cfg(args, freeze=True):
     return cfg
 
 
-class Trainer(ReliableTrainerMixin, DefaultTrainer):
+class Trainer(ReliableTrainerMixin, CPUAutocastMixin, DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with COCO evaluation and a class-count check, made
     robust by :class:`~gfocalv2.engine.reliability.ReliableTrainerMixin` (checked datasets,
     skipped unreadable images, non-finite-loss stop with a last-good checkpoint, atomic

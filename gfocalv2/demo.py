@@ -21,6 +21,8 @@ import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFoc
 
 import numpy as np
 
+from .engine.defaults import add_register_coco_argument
+
 __all__ = ["get_parser", "setup_demo_cfg", "expand_inputs", "VisualizationDemo", "main"]
 
 logger = logging.getLogger("gfocalv2.demo")
@@ -45,14 +47,7 @@ def get_parser():
         "Without it, nothing is drawn, detections are only printed.",
     )
     parser.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score of drawn detections")
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_DIR"),
-        help="register a COCO-format dataset (for its class names); repeatable",
-    )
+    add_register_coco_argument(parser, "register a COCO-format dataset (for its class names); repeatable")
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS w.pth"
     )

@@ -14,7 +14,7 @@ from .amp import CPUAutocastMixin
 from .config_checks import merge_config_file, merge_config_list
 from .reliability import ReliableTrainerMixin
 
-__all__ = ["Trainer", "workflow_argument_parser", "build_cfg", "setup_cfg"]
+__all__ = ["Trainer", "workflow_argument_parser", "add_register_coco_argument", "build_cfg", "setup_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,16 +25,19 @@ def workflow_argument_parser(epilog=None):
     Trailing ``KEY VALUE`` config overrides must come last (after all ``--flags``).
     """
     parser = default_argument_parser(epilog=epilog)
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_DIR"),
-        help="register a COCO-format dataset (json annotations + image folder) under NAME, "
+    add_register_coco_argument(
+        parser,
+        "register a COCO-format dataset (json annotations + image folder) under NAME, "
         "usable in DATASETS.TRAIN/TEST; repeatable. Same as the config key DATASETS.REGISTER_COCO.",
     )
     return parser
+
+
+def add_register_coco_argument(parser, help):
+    """``--register-coco NAME JSON IMAGE_DIR`` (repeatable), for :func:`build_cfg`'s ``register_coco``."""
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"), help=help
+    )
 
 
 def _fall_back_to_cpu(cfg):

@@ -1,4 +1,6 @@
 """Helpers shared by the model tests: tiny configs and synthetic inputs."""
+import os
+
 import torch
 
 from detectron2.config import get_cfg
@@ -7,6 +9,25 @@ from detectron2.structures import Boxes, Instances
 from gfocalv2 import add_gfocalv2_config
 
 BASE_CONFIG = "configs/Base-GFocalV2.yaml"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config_file(tmp_path, extra=""):
+    """A YAML file with the tiny model of ``gfocal_cfg(tiny=True)``, for the command-line tools;
+    ``extra`` is appended YAML."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""_BASE_: "{REPO}/configs/Base-GFocalV2.yaml"
+MODEL:
+  DEVICE: cpu
+  RESNETS: {{DEPTH: 18, RES2_OUT_CHANNELS: 64, NORM: GN}}
+  BACKBONE: {{FREEZE_AT: 0}}
+  FPN: {{OUT_CHANNELS: 64}}
+  GFOCAL: {{NUM_CONVS: 1, NUM_CLASSES: 3, REG_MAX: 8}}
+  ANCHOR_GENERATOR: {{SIZES: [[32], [64], [128], [256], [512]]}}
+{extra}"""
+    )
+    return str(path)
 
 
 def gfocal_cfg(*opts, tiny=False):

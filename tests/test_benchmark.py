@@ -1,7 +1,6 @@
 """gfocalv2.benchmark runs end to end on a tiny config and reports what it promises (no
 speed assertions: timings on shared machines are noise)."""
 import json
-import os
 
 import pytest
 import torch
@@ -9,25 +8,7 @@ import torch
 from detectron2.modeling import build_model
 
 from gfocalv2.benchmark import Stopwatch, add_synthetic_logits, main as benchmark_main, split_backward
-from model_utils import gfocal_cfg, random_input
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config_file(tmp_path, extra=""):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        f"""_BASE_: "{REPO}/configs/Base-GFocalV2.yaml"
-MODEL:
-  DEVICE: cpu
-  RESNETS: {{DEPTH: 18, RES2_OUT_CHANNELS: 64, NORM: GN}}
-  BACKBONE: {{FREEZE_AT: 0}}
-  FPN: {{OUT_CHANNELS: 64}}
-  GFOCAL: {{NUM_CONVS: 1, NUM_CLASSES: 3, REG_MAX: 8}}
-  ANCHOR_GENERATOR: {{SIZES: [[32], [64], [128], [256], [512]]}}
-{extra}"""
-    )
-    return str(path)
+from model_utils import gfocal_cfg, random_input, tiny_config_file
 
 
 def run(tmp_path, capsys, *args):

@@ -17,9 +17,8 @@ from gfocalv2.export import (
     main as export_main,
     pytorch_detections,
 )
-from model_utils import gfocal_cfg
+from model_utils import gfocal_cfg, tiny_config_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 96, 128  # multiples of 32; test_padding_and_clipping_inside_graph covers other sizes
 COLORS = torch.tensor([[230.0, 40, 40], [40, 200, 40], [40, 60, 230]])
 
@@ -135,23 +134,6 @@ def test_compare_detections_reports_differences():
     assert "detections" in compare_detections((boxes, scores, classes), (boxes[:1], scores[:1], classes[:1]))
 
 
-def tiny_config_file(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        f"""_BASE_: "{REPO}/configs/Base-GFocalV2.yaml"
-MODEL:
-  DEVICE: cpu
-  RESNETS: {{DEPTH: 18, RES2_OUT_CHANNELS: 64, NORM: GN}}
-  BACKBONE: {{FREEZE_AT: 0}}
-  FPN: {{OUT_CHANNELS: 64}}
-  GFOCAL: {{NUM_CONVS: 1, NUM_CLASSES: 3, REG_MAX: 8}}
-  ANCHOR_GENERATOR: {{SIZES: [[32], [64], [128], [256], [512]]}}
-INPUT: {{MIN_SIZE_TEST: 96, MAX_SIZE_TEST: 160}}
-"""
-    )
-    return str(path)
-
-
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_command_line_with_sample_image(tmp_path, fmt, caplog):
     from PIL import Image
@@ -162,7 +144,7 @@ def test_command_line_with_sample_image(tmp_path, fmt, caplog):
     weights = build_model(gfocal_cfg(tiny=True)).state_dict()
     torch.save({"model": weights}, tmp_path / "w.pth")
     argv = [
-        "--config-file", tiny_config_file(tmp_path),
+        "--config-file", tiny_config_file(tmp_path, "INPUT: {MIN_SIZE_TEST: 96, MAX_SIZE_TEST: 160}\n"),
         "--format", fmt,
         "--output", str(tmp_path / "out"),
         "--sample-image", str(tmp_path / "sample.png"),

@@ -37,6 +37,13 @@ pairs per image score in [0.1, 0.95] and all others ~3e-4, so every model's
 post-processing ranks, decodes and NMS-es a realistic number of candidates (the same
 number for every model). ``--detections 0`` keeps the raw random-weight outputs.
 
+Inference optimizations (``--optimize``, inference only): ``ours`` (the default) runs our
+model the way the predictor, the demo, the exporter and evaluation run it, with the exact
+rewrites ``TEST.FOLD_BATCHNORM`` / ``TEST.MEMORY_FORMAT`` of the config (see
+``gfocalv2/modeling/inference_optimization.py``), and Detectron2's models the way Detectron2
+runs them; ``all`` applies the same rewrites to every model (like for like); ``none`` to
+none.
+
 Other options: ``--amp`` (autocast: bfloat16 on CPU, float16 on CUDA), ``--channels-last``
 (every model in NHWC), ``--flops`` (GFLOPs of each model's backbone and head, counted once,
 untimed), ``--json FILE`` (the summary). On a CPU shared with other jobs use
@@ -68,6 +75,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from .engine.defaults import build_cfg
+from .modeling.inference_optimization import optimize_for_inference, resolve_memory_format
 
 try:  # "BNEval" and other norms of this project's backbones, as Detectron2 get_norm arguments
     from .modeling.backbone.resnet import resolve_norm
@@ -80,6 +88,7 @@ __all__ = ["main", "build_models", "run_benchmark", "format_report"]
 logger = logging.getLogger("gfocalv2.benchmark")
 
 KNOWN_MODELS = ("gfocalv2", "gfl", "retinanet", "fcos")
+OUR_MODELS = ("gfocalv2", "gfl")  # this project's: --optimize ours applies to these
 
 
 # ----------------------------------------------------------------------------- models
@@ -225,7 +234,10 @@ class SyntheticLogits:
             idx = torch.randperm(K * H * W, generator=g)[:k]
             prob = torch.rand(k, generator=g) * 0.85 + 0.1
             logits[n, idx] = torch.log(prob / (1 - prob))
-        return logits.reshape(N, K, H, W).to(device=output.device, dtype=output.dtype)
+        logits = logits.reshape(N, K, H, W).to(device=output.device, dtype=output.dtype)
+        if not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
+            logits = logits.contiguous(memory_format=torch.channels_last)  # as the real conv's output
+        return logits
 
 
 def add_synthetic_logits(model: nn.Module, num_pairs: int, image_hw) -> bool:
@@ -248,6 +260,22 @@ def use_channels_last(model: nn.Module) -> None:
     model.backbone.register_forward_pre_hook(
         lambda module, inputs: tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
     )
+
+
+def apply_inference_optimizations(models: "OrderedDict[str, nn.Module]", cfg, mode: str) -> Dict[str, str]:
+    """``--optimize``: "ours" optimizes this project's models (GFocalV2, GFL) as ``cfg.TEST``
+    says, "all" every model the same way, "none" nothing. Returns a description per model."""
+    if mode not in ("ours", "all", "none"):
+        raise ValueError(f"--optimize must be ours, all or none, got {mode!r}")
+    done = {}
+    for name, model in models.items():
+        if mode == "all" or (mode == "ours" and name in OUR_MODELS):
+            optimize_for_inference(model, cfg)
+            fmt = resolve_memory_format(cfg.TEST.MEMORY_FORMAT, cfg.MODEL.DEVICE)
+            done[name] = f"fold BN {cfg.TEST.FOLD_BATCHNORM}, {fmt}"
+        else:
+            done[name] = "as built"
+    return done
 
 
 # ----------------------------------------------------------------------------- timing
@@ -577,6 +605,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--channels-last", action="store_true", help="run every model in channels-last (NHWC) memory format")
     p.add_argument(
+        "--optimize",
+        choices=("ours", "all", "none"),
+        default="ours",
+        help="inference: apply TEST.FOLD_BATCHNORM / TEST.MEMORY_FORMAT to our model only (default, "
+        "each model as its library runs it), to every model (like for like), or to none",
+    )
+    p.add_argument(
         "--timer",
         choices=("wall", "cpu"),
         default="wall",
@@ -624,6 +659,9 @@ def main(argv=None) -> Dict:
         models = build_models(cfg, names)
         ours = next(iter(models))
         H, W = args.input_size
+        optimized = {}
+        if args.task == "inference":
+            optimized = apply_inference_optimizations(models, cfg, args.optimize)
         if args.channels_last:
             for model in models.values():
                 use_channels_last(model)
@@ -640,6 +678,7 @@ def main(argv=None) -> Dict:
             f"\ninput {H}x{W}, batch {args.batch_size}, {args.num_iter} timed rounds after {args.warmup} warm-up, "
             f"interleaved, {args.timer} time, amp {args.amp}, channels-last {args.channels_last}"
             + (f", {args.num_gt} gt boxes/image" if args.task == "train" else f", synthetic confident pairs/image {args.detections}")
+            + "".join(f"\n  {name}: {how}" for name, how in optimized.items())
         )
         print(format_report(summary, args.task, ours, header))
         for name, f in flops.items():

@@ -12,14 +12,18 @@ def add_gfocalv2_config(cfg):
     Also adds the Res2Net backbone's ``MODEL.RES2NET`` node and the reliability keys
     (``MODEL.REINIT_HEAD_ON_CLASS_MISMATCH``, ``DATALOADER.MAX_CONSECUTIVE_FAILURES``,
     ``DATASETS.CHECK_IMAGES``; see ``gfocalv2/engine/config_checks.py``) and
-    ``DATASETS.REGISTER_COCO`` (COCO-format datasets registered from the config).
+    ``DATASETS.REGISTER_COCO`` (COCO-format datasets registered from the config), and
+    ``TEST.FOLD_BATCHNORM`` / ``TEST.MEMORY_FORMAT`` (exact inference speed-ups; see
+    ``gfocalv2/modeling/inference_optimization.py``).
     Calling it twice is harmless.
     """
     from .engine.config_checks import add_reliability_config
     from .engine.datasets import add_workflow_config
     from .modeling.backbone.res2net import add_res2net_config
+    from .modeling.inference_optimization import add_inference_optimization_config
 
     add_res2net_config(cfg)
+    add_inference_optimization_config(cfg)
     add_reliability_config(cfg)
     add_workflow_config(cfg)
     if "GFOCAL" in cfg.MODEL:

@@ -1,5 +1,6 @@
 """Export GFocalV2 / GFL inference to TorchScript (tracing) or ONNX, and check the exported
-graph against the PyTorch model.
+graph against the PyTorch model. The exported network has its BatchNorms folded into the
+convolutions before it (``TEST.FOLD_BATCHNORM``; exact up to float rounding).
 
     python -m gfocalv2.export --config-file configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml \\
         --format onnx --output exported/ --sample-image img.jpg --opts MODEL.WEIGHTS model_final.pth
@@ -23,6 +24,7 @@ status 1 if not).
 """
 import argparse
 import contextlib
+import copy
 import logging
 import os
 import sys
@@ -35,6 +37,8 @@ from torch import Tensor, nn
 
 import gfocalv2  # noqa: F401  (compat layer + registrations before other detectron2 imports)
 from detectron2.structures import ImageList
+
+from .modeling.inference_optimization import optimize_for_inference
 
 __all__ = [
     "ExportableDetector",
@@ -217,6 +221,11 @@ def main(argv=None) -> int:
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialized model")
 
+    # The exported graph is the optimized model (BatchNorms folded; the memory format is a
+    # runtime matter, ONNX has none); the checks below compare it with the model as loaded.
+    reference = model
+    model = optimize_for_inference(copy.deepcopy(model), cfg, memory_format="contiguous")
+
     if args.sample_image:
         image = load_image(args.sample_image, cfg)
     else:
@@ -236,7 +245,7 @@ def main(argv=None) -> int:
             logger.error("%s: size %s differs from the exported %s; skipped", name, tuple(img.shape[2:]), tuple(image.shape[2:]))
             failures += 1
             continue
-        expected, actual = pytorch_detections(model, img), runner(img)
+        expected, actual = pytorch_detections(reference, img), runner(img)
         problem = compare_detections(expected, actual, args.box_atol, args.score_atol)
         status = "OK" if problem is None else f"MISMATCH: {problem}"
         logger.info("%s: %d detections, exported vs PyTorch: %s", name, len(expected[0]), status)

@@ -40,6 +40,27 @@ def test_inference_compare_all(tmp_path, capsys):
     assert "GFLOPs retinanet: backbone+FPN" in text
 
 
+@pytest.mark.parametrize("mode", ["ours", "all", "none"])
+def test_optimize_applies_to_the_models_it_names(mode):
+    from collections import OrderedDict
+
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from gfocalv2.benchmark import _retinanet, apply_inference_optimizations
+
+    cfg = gfocal_cfg("MODEL.RESNETS.NORM", "FrozenBN", tiny=True)
+    models = OrderedDict(gfocalv2=build_model(cfg), retinanet=_retinanet(cfg))
+    described = apply_inference_optimizations(models, cfg, mode)
+    optimized = {"ours": {"gfocalv2"}, "all": {"gfocalv2", "retinanet"}, "none": set()}[mode]
+    for name, model in models.items():
+        has_bn = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+        assert has_bn == (name not in optimized), name
+        assert (described[name] == "as built") == (name not in optimized)
+        assert model.backbone.bottom_up.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last) == (
+            name in optimized  # TEST.MEMORY_FORMAT "auto" on CPU
+        )
+
+
 def test_train_breakdown(tmp_path, capsys):
     summary, text, _ = run(tmp_path, capsys, "--task", "train", "--compare", "retinanet", "--num-gt", "5", "--timer", "cpu")
     assert "cpu time" in text

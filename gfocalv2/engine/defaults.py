@@ -9,6 +9,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator
 
 from ..config import add_gfocalv2_config
+from ..modeling.inference_optimization import optimized_copy
 from .datasets import check_datasets_registered, get_thing_classes, register_coco_datasets
 from .amp import CPUAutocastMixin
 from .config_checks import merge_config_file, merge_config_list
@@ -89,11 +90,18 @@ class Trainer(ReliableTrainerMixin, CPUAutocastMixin, DefaultTrainer):
     skipped unreadable images, non-finite-loss stop with a last-good checkpoint, atomic
     checkpoints, bit-identical resume, AP 0 for a model that predicts nothing).
 
-    Everything else (SGD with warm-up + step schedule, periodic checkpoints to
+    Evaluation runs an optimized copy of the model (``TEST.FOLD_BATCHNORM``,
+    ``TEST.MEMORY_FORMAT``). Everything else (SGD with warm-up + step schedule, periodic checkpoints to
     ``OUTPUT_DIR``, evaluation every ``TEST.EVAL_PERIOD`` and after the last iteration,
     ``metrics.json`` + TensorBoard events + console log with ETA, ``resume_or_load``) is
     Detectron2's.
     """
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate an optimized copy of ``model`` (BatchNorms folded, ``TEST.MEMORY_FORMAT``):
+        same detections up to float rounding, faster; the training model is left as it is."""
+        return super().test(cfg, optimized_copy(model, cfg), evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -7,7 +7,11 @@ Differences from ``detectron2.engine.DefaultPredictor``:
 * the input may be gray (H, W) or (H, W, 1), BGR/RGB (H, W, 3) or with alpha (H, W, 4)
   (alpha is dropped); an empty or otherwise shaped array is a ValueError naming the shape;
 * the resize never produces a 0-pixel side (a 1 x 5000 image works), and images of any
-  size are resized to the test size as usual.
+  size are resized to the test size as usual;
+* after loading, the model gets the exact inference rewrites of ``TEST.FOLD_BATCHNORM`` and
+  ``TEST.MEMORY_FORMAT`` (``gfocalv2/modeling/inference_optimization.py``): BatchNorms are
+  folded into their convolutions, so ``predictor.model`` no longer loads or saves
+  checkpoints (build a new ``Predictor`` for other weights).
 """
 import logging
 
@@ -18,6 +22,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..data.mapper import SafeResizeShortestEdge, to_three_channels
+from ..modeling.inference_optimization import optimize_for_inference
 from .checkpoint import checkpointer_for
 
 __all__ = ["Predictor"]
@@ -37,6 +42,7 @@ class Predictor(DefaultPredictor):
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         checkpointer_for(cfg, self.model).load(cfg.MODEL.WEIGHTS)
+        optimize_for_inference(self.model, cfg)
         self.aug = SafeResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):

@@ -520,6 +520,7 @@ def summarize(records, ours: str, batch_size: int) -> Dict:
             max_s=max(totals),
             iqr_s=_quantile(totals, 0.75) - _quantile(totals, 0.25),
             per_image_s=median / batch_size,
+            images_per_s=batch_size / median if median > 0 else float("inf"),
             stages_s=stages,
             stage_share=OrderedDict((k, statistics.median(t[k] / t["total"] for t in rounds)) for k in stages),
         )
@@ -533,14 +534,19 @@ def summarize(records, ours: str, batch_size: int) -> Dict:
 
 def format_report(summary: Dict, task: str, ours: str, header: str) -> str:
     lines = [header]
-    lines.append(f"{'model':<10} {'median_s':>9} {'min_s':>8} {'max_s':>8} {'iqr_s':>7} {'per_image_s':>11}   {ours}/model (paired median, range)")
+    rate = "images/s" if task != "inference" else "fps"
+    lines.append(
+        f"{'model':<10} {'median_s':>9} {'min_s':>8} {'max_s':>8} {'iqr_s':>7} {'per_image_s':>11} {rate:>9}"
+        f"   {ours}/model (paired median, range)"
+    )
     for name, e in summary.items():
         ratio = ""
         if "ratio_ours_over_this" in e:
             lo, hi = e["ratio_range"]
             ratio = f"{e['ratio_ours_over_this']:.3f} ({lo:.3f}-{hi:.3f})"
         lines.append(
-            f"{name:<10} {e['median_s']:9.3f} {e['min_s']:8.3f} {e['max_s']:8.3f} {e['iqr_s']:7.3f} {e['per_image_s']:11.3f}   {ratio}"
+            f"{name:<10} {e['median_s']:9.3f} {e['min_s']:8.3f} {e['max_s']:8.3f} {e['iqr_s']:7.3f} {e['per_image_s']:11.3f}"
+            f" {e['images_per_s']:9.2f}   {ratio}"
         )
     lines.append("stages (median seconds, median share of the iteration):")
     for name, e in summary.items():

@@ -22,10 +22,11 @@ def run(tmp_path, capsys, *args):
 def test_inference_compare_all(tmp_path, capsys):
     summary, text, saved = run(tmp_path, capsys, "--task", "inference", "--compare", "retinanet,fcos,gfl", "--flops")
     assert list(summary) == ["gfocalv2", "retinanet", "fcos", "gfl"]  # every comparison model built
-    assert "median_s" in text and "gfocalv2/model" in text
+    assert "median_s" in text and "fps" in text and "gfocalv2/model" in text
     for name in ("retinanet", "fcos", "gfl"):
         e = summary[name]
         assert e["ratio_ours_over_this"] > 0 and e["min_s"] <= e["median_s"] <= e["max_s"]
+        assert e["images_per_s"] == pytest.approx(1.0 / e["per_image_s"])
         assert f"postprocess share {name}:" in text
     for e in summary.values():
         assert list(e["stages_s"]) == ["preprocess", "backbone", "head", "postprocess"]

@@ -164,3 +164,23 @@ def test_config_defaults_and_memory_format_choices():
     assert resolve_memory_format("contiguous", "cpu") == "contiguous"
     with pytest.raises(ValueError, match="TEST.MEMORY_FORMAT must be one of"):
         resolve_memory_format("nhwc", "cpu")
+
+
+def test_bad_memory_format_fails_when_the_config_is_built():
+    from gfocalv2.engine.defaults import build_cfg
+
+    with pytest.raises(ValueError, match="TEST.MEMORY_FORMAT must be one of .*'nhwc'"):
+        build_cfg("configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "nhwc"])
+    cfg = build_cfg("configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "contiguous"])
+    assert cfg.TEST.MEMORY_FORMAT == "contiguous"
+
+
+def test_switches_off(bn_model_and_images):
+    cfg, model, _ = bn_model_and_images
+    cfg = cfg.clone()
+    cfg.TEST.FOLD_BATCHNORM = False
+    cfg.TEST.MEMORY_FORMAT = "contiguous"
+    assert optimized_copy(model, cfg) is model  # nothing to do: no copy
+    untouched = optimize_for_inference(copy.deepcopy(model), cfg)
+    assert set(untouched.state_dict()) == set(model.state_dict())
+    assert untouched.backbone.bottom_up.stem.conv1.weight.is_contiguous()

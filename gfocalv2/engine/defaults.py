@@ -9,7 +9,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator
 
 from ..config import add_gfocalv2_config
-from ..modeling.inference_optimization import optimized_copy
+from ..modeling.inference_optimization import optimized_copy, resolve_memory_format
 from .datasets import check_datasets_registered, get_thing_classes, register_coco_datasets
 from .amp import CPUAutocastMixin
 from .config_checks import merge_config_file, merge_config_list
@@ -68,6 +68,7 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     if register_coco:
         cfg.DATASETS.REGISTER_COCO = [list(e) for e in cfg.DATASETS.REGISTER_COCO] + [list(e) for e in register_coco]
     _fall_back_to_cpu(cfg)
+    resolve_memory_format(cfg.TEST.MEMORY_FORMAT, cfg.MODEL.DEVICE)  # a bad value fails now, not after training
     if freeze:
         cfg.freeze()
     register_coco_datasets(cfg.DATASETS.REGISTER_COCO)

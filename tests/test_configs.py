@@ -52,6 +52,36 @@ def test_config_builds_and_runs_forward(config_file):
     inst = out[0]["instances"]
     assert inst.image_size == (64, 48)
     assert inst.pred_boxes.tensor.shape[1] == 4 and len(inst.scores) == len(inst.pred_classes)
+    _check_inference_rewrites(cfg, model, image)
+
+
+def _check_inference_rewrites(cfg, model, image):
+    """The config's inference rewrites (BatchNorm folding, channels-last on CPU) keep the
+    backbone's features, whatever the backbone (deformable, ResNeXt, Res2Net, trained BN)."""
+    import copy
+
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from gfocalv2.modeling.inference_optimization import optimize_for_inference
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():  # non-trivial statistics, so that folding changes the weights
+            if isinstance(m, (FrozenBatchNorm2d, torch.nn.modules.batchnorm._BatchNorm)):
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+        optimized = optimize_for_inference(copy.deepcopy(model), cfg)
+    bn_types = (FrozenBatchNorm2d, torch.nn.modules.batchnorm._BatchNorm)
+    assert not any(isinstance(m, bn_types) for m in optimized.backbone.modules())  # all folded
+    with torch.no_grad():
+        x = model.preprocess_image([{"image": image}]).tensor
+        feats, feats_opt = model.backbone(x), optimized.backbone(x)
+    for k, f in feats.items():
+        assert torch.isfinite(f).all()
+        assert (feats_opt[k] - f).abs().max() <= 1e-4 * f.abs().max(), k
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

@@ -184,3 +184,17 @@ def test_switches_off(bn_model_and_images):
     untouched = optimize_for_inference(copy.deepcopy(model), cfg)
     assert set(untouched.state_dict()) == set(model.state_dict())
     assert untouched.backbone.bottom_up.stem.conv1.weight.is_contiguous()
+
+
+def test_checkpointer_refuses_a_folded_model(bn_model_and_images, tmp_path):
+    from gfocalv2.engine.checkpoint import CheckpointError, GFocalCheckpointer
+
+    cfg, model, _ = bn_model_and_images
+    GFocalCheckpointer(model, str(tmp_path)).save("model_plain")
+    optimized = optimize_for_inference(copy.deepcopy(model), cfg)
+    with pytest.raises(CheckpointError, match="optimized for inference.*build a new model or Predictor"):
+        GFocalCheckpointer(optimized).load(str(tmp_path / "model_plain.pth"))
+    with pytest.raises(CheckpointError, match="Cannot save checkpoint model_folded"):
+        GFocalCheckpointer(optimized, str(tmp_path)).save("model_folded")
+    assert not (tmp_path / "model_folded.pth").exists()
+    GFocalCheckpointer(copy.deepcopy(model)).load(str(tmp_path / "model_plain.pth"))  # unoptimized: fine

@@ -23,6 +23,8 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..modeling.inference_optimization import has_folded_batchnorm
+
 __all__ = ["GFocalCheckpointer", "CheckpointError", "UnreadableCheckpointError", "NonFiniteWeightsError", "atomic_torch_save", "atomic_write_text", "checkpointer_for"]
 
 logger = logging.getLogger(__name__)
@@ -107,9 +109,18 @@ class GFocalCheckpointer(DetectionCheckpointer):
         self.allow_class_mismatch = allow_class_mismatch
 
     # ------------------------------------------------------------------ saving
+    def _refuse_folded_model(self, action):
+        if has_folded_batchnorm(self.model):
+            raise CheckpointError(
+                f"Cannot {action}: this model was optimized for inference (its BatchNorms are folded into the "
+                "convolutions, TEST.FOLD_BATCHNORM), so its parameters no longer match checkpoints. Load weights "
+                "before optimizing: build a new model or Predictor with MODEL.WEIGHTS set."
+            )
+
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
+        self._refuse_folded_model(f"save checkpoint {name}")
         if not _is_local(self.save_dir):
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
@@ -137,6 +148,8 @@ class GFocalCheckpointer(DetectionCheckpointer):
 
     # ----------------------------------------------------------------- loading
     def load(self, path, *args, **kwargs):
+        if path:
+            self._refuse_folded_model(f"load {path}")
         if path and _is_local(path) and not os.path.isfile(path):
             raise FileNotFoundError(
                 f"MODEL.WEIGHTS {path} does not exist. Give the path of a .pth/.pkl checkpoint "

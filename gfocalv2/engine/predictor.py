@@ -11,7 +11,8 @@ Differences from ``detectron2.engine.DefaultPredictor``:
 * after loading, the model gets the exact inference rewrites of ``TEST.FOLD_BATCHNORM`` and
   ``TEST.MEMORY_FORMAT`` (``gfocalv2/modeling/inference_optimization.py``): BatchNorms are
   folded into their convolutions, so ``predictor.model`` no longer loads or saves
-  checkpoints (build a new ``Predictor`` for other weights).
+  checkpoints (``GFocalCheckpointer`` refuses, saying so; build a new ``Predictor`` for
+  other weights).
 """
 import logging
 

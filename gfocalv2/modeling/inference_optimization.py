@@ -38,11 +38,14 @@ __all__ = [
     "resolve_memory_format",
     "optimize_for_inference",
     "optimized_copy",
+    "has_folded_batchnorm",
 ]
 
 logger = logging.getLogger(__name__)
 
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+#: Set on every convolution that absorbed its norm; checkpointers refuse such models.
+FOLDED_ATTR = "batchnorm_folded"
 
 
 def add_inference_optimization_config(cfg):
@@ -101,8 +104,14 @@ def fold_batchnorm(model: nn.Module) -> int:
         module.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
         module.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
         module.norm = None
+        setattr(module, FOLDED_ATTR, True)
         folded += 1
     return folded
+
+
+def has_folded_batchnorm(model: nn.Module) -> bool:
+    """Whether :func:`fold_batchnorm` changed ``model`` (its parameters no longer match checkpoints)."""
+    return any(getattr(m, FOLDED_ATTR, False) for m in model.modules())
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:

@@ -151,5 +151,8 @@ def optimized_copy(model: nn.Module, cfg) -> nn.Module:
         model = model.module
     if not (cfg.TEST.get("FOLD_BATCHNORM", False) or cfg.TEST.get("MEMORY_FORMAT", "contiguous") != "contiguous"):
         return model
-    return optimize_for_inference(copy.deepcopy(model), cfg)
+    duplicate = copy.deepcopy(model)
+    for p in duplicate.parameters():  # gradients of the training step are not needed (memory)
+        p.grad = None
+    return optimize_for_inference(duplicate, cfg)
 

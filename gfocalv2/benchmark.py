@@ -75,7 +75,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from .engine.defaults import build_cfg
-from .modeling.inference_optimization import optimize_for_inference, resolve_memory_format
+from .modeling.inference_optimization import optimize_for_inference, resolve_memory_format, to_channels_last
 
 try:  # "BNEval" and other norms of this project's backbones, as Detectron2 get_norm arguments
     from .modeling.backbone.resnet import resolve_norm
@@ -256,7 +256,7 @@ def add_synthetic_logits(model: nn.Module, num_pairs: int, image_hw) -> bool:
 def use_channels_last(model: nn.Module) -> None:
     """Weights and backbone input in channels-last (NHWC) layout; convolutions keep it, so
     the whole network runs in NHWC (often faster with oneDNN on CPU and tensor cores)."""
-    model.to(memory_format=torch.channels_last)
+    to_channels_last(model)
     model.backbone.register_forward_pre_hook(
         lambda module, inputs: tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
     )

@@ -26,6 +26,7 @@ import logging
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
@@ -59,29 +60,22 @@ def add_inference_optimization_config(cfg):
     return cfg
 
 
-def _fixed_statistics_affine(norm: nn.Module):
-    """(scale, shift) with ``norm(x) == x * scale + shift`` per channel, or None when ``norm``
-    is not a BatchNorm with fixed statistics (GroupNorm, a training-mode BatchNorm, ...)."""
+def _has_fixed_statistics(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a BatchNorm that normalizes with its running statistics (an
+    affine map that can be folded), not GroupNorm, a training-mode BatchNorm, ..."""
     if isinstance(norm, FrozenBatchNorm2d):
-        fixed = True
-    elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        fixed = norm.track_running_stats and norm.running_var is not None and (
+        return True
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return bool(norm.track_running_stats and norm.running_var is not None) and (
             isinstance(norm, EvalBatchNorm2d) or not norm.training
         )
-    else:
-        return None
-    if not fixed:
-        return None
-    var, mean = norm.running_var.double(), norm.running_mean.double()
-    weight = norm.weight.double() if norm.weight is not None else torch.ones_like(var)
-    bias = norm.bias.double() if norm.bias is not None else torch.zeros_like(var)
-    scale = weight * torch.rsqrt(var + norm.eps)
-    return scale, bias - mean * scale
+    return False
 
 
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold fixed-statistics BatchNorms into the convolution before them, in place.
+    """Fold fixed-statistics BatchNorms into the convolution before them, in place (with
+    PyTorch's ``fuse_conv_bn_weights``).
 
     Handles Detectron2's ``Conv2d`` and :class:`DeformConv2d` (the convolutions that carry
     their norm as ``.norm``, applied right after the convolution and before the
@@ -93,16 +87,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, (Conv2d, DeformConv2d)) or module.norm is None:
             continue
-        affine = _fixed_statistics_affine(module.norm)
-        if affine is None:
+        if not _has_fixed_statistics(module.norm):
             continue
-        scale, shift = affine
-        weight = module.weight
-        old_bias = module.bias.double() if module.bias is not None else torch.zeros_like(scale)
-        new_weight = (weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
-        new_bias = (old_bias * scale + shift).to(weight.dtype)
-        module.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
-        module.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
+        norm = module.norm
+        module.weight, module.bias = fuse_conv_bn_weights(
+            module.weight, module.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+        )
         module.norm = None
         setattr(module, FOLDED_ATTR, True)
         folded += 1

@@ -1,40 +1,55 @@
-"""Compatibility with a pure-Python Detectron2 and with today's libraries.
+"""Compatibility with partial or older Detectron2 installs and with today's libraries.
 
 This is the only place in the package that knows about Detectron2's install
 variants. :func:`apply` runs once, when :mod:`gfocalv2` is imported, before any
-other ``detectron2`` module is used.
+other ``detectron2`` module is used. Each fix below is applied exactly when its
+own need exists, decided independently of the others (an official, compiled
+Detectron2 can still need the ``pkg_resources`` one, for example):
 
-Two worlds:
+=======================  ==============================================  =============================================
+fix                      needed when                                     what it does
+=======================  ==============================================  =============================================
+``_C`` stand-in          ``detectron2._C`` does not exist (the           a module whose ops raise
+                         registries' pure-Python Detectron2 0.6)         :class:`CompiledOpsUnavailable`, naming the op,
+                                                                         so ``detectron2.layers``/``.evaluation`` import
+pycocotools evaluation   the ``_C`` stand-in is in place (COCO's "fast"  ``COCOeval_opt`` -> pycocotools' ``COCOeval``
+                         evaluator is compiled)                          (same numbers)
+``PIL.Image.LINEAR``     Pillow >= 10 lacks it *and* Detectron2's        ``Image.LINEAR = Image.BILINEAR``
+                         ``data/transforms/transform.py`` uses it
+                         (v0.6; main uses ``BILINEAR``)
+NumPy aliases            NumPy lacks ``np.bool``/``np.int``/... *and*    each alias that is both missing and used is
+                         Detectron2's sources use that alias (v0.6)      restored as the builtin it stood for
+``pkg_resources``        setuptools >= 81 (no ``pkg_resources``) *and*   a minimal ``pkg_resources`` with
+                         ``detectron2/model_zoo/model_zoo.py`` imports   ``resource_filename``
+                         it (v0.6 and main alike)
+quiet import             always harmless: torch deprecates               ``detectron2.modeling`` is first imported with
+                         ``torch.jit.script``, which fvcore's focal      that one warning ignored (the user's own
+                         loss and Detectron2's ``box_regression`` call   ``torch.jit.script`` calls still warn)
+                         at import time
+=======================  ==============================================  =============================================
 
-* **Official Detectron2, built from source** (``detectron2._C`` is a compiled
-  extension). Nothing is changed.
-* **The registries' Detectron2 0.6, Python sources only** (what
-  ``tools/install_detectron2.py`` installs). Then:
-
-  - ``detectron2._C`` is replaced by a stand-in module, so that modules importing
-    it at load time (``detectron2.layers``, ``detectron2.evaluation``) import. Any
-    use of a compiled op raises :class:`CompiledOpsUnavailable`, naming the op.
-  - COCO evaluation's "fast" implementation (``COCOeval_opt``, compiled) is
-    replaced by pycocotools' ``COCOeval``, which gives the same numbers.
-  - Pillow >= 10 removed ``Image.LINEAR`` (a default argument in
-    ``detectron2.data.transforms``): it is restored as ``BILINEAR``.
-  - NumPy >= 1.24 removed ``np.bool``/``np.int``/``np.float`` (used in dataset
-    statistics and mask code): they are restored as the builtins they aliased.
-  - setuptools >= 81 no longer ships ``pkg_resources`` (``detectron2.model_zoo``
-    imports it): a minimal stand-in with ``resource_filename`` is provided.
+What was applied is recorded in :data:`COMPAT_STATE` (``collect_env``-style
+reports and the tests read it). The needs are read from Detectron2's source
+files, without importing the modules that would fail.
 """
 import importlib
 import importlib.util
 import logging
+import os
+import re
 import sys
 import types
+import warnings
 
 __all__ = ["apply", "has_compiled_ops", "CompiledOpsUnavailable", "COMPAT_STATE"]
 
 logger = logging.getLogger(__name__)
 
-#: What :func:`apply` did; tests and ``collect_env`` read it.
+#: What :func:`apply` did; tests and reports read it.
 COMPAT_STATE = {"applied": False, "compiled_ops": None, "patches": []}
+
+#: NumPy aliases removed in NumPy 1.24 (builtins they aliased); Detectron2 v0.6 uses some of them.
+_NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "complex": complex, "object": object, "str": str}
 
 
 class CompiledOpsUnavailable(ImportError):
@@ -52,6 +67,46 @@ def has_compiled_ops():
         return False
 
 
+# ----------------------------------------------------------------------------- reading the needs
+def _detectron2_source(relative_path):
+    """Text of a file of the installed ``detectron2`` package ('' if it has no such file)."""
+    import detectron2
+
+    path = os.path.join(os.path.dirname(detectron2.__file__), relative_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _detectron2_numpy_aliases_used():
+    """Names of the removed NumPy aliases (``np.int`` ...) that Detectron2's sources use."""
+    import detectron2
+
+    pattern = re.compile(r"\bnp\.(" + "|".join(_NUMPY_ALIASES) + r")\b(?![_\w])")
+    used = set()
+    for root, _, files in os.walk(os.path.dirname(detectron2.__file__)):
+        for name in files:
+            if name.endswith(".py"):
+                try:
+                    with open(os.path.join(root, name), encoding="utf-8") as f:
+                        used.update(pattern.findall(f.read()))
+                except (OSError, UnicodeDecodeError):
+                    continue
+    return used
+
+
+def _module_missing(name):
+    if name in sys.modules:
+        return sys.modules[name] is None  # None in sys.modules blocks the import
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+# ----------------------------------------------------------------------------- the fixes
 class _CompiledOpsStandIn(types.ModuleType):
     _GFOCALV2_STANDIN = True
 
@@ -76,7 +131,7 @@ class _CompiledOpsStandIn(types.ModuleType):
             "without its C++/CUDA extension (the pure-Python build from the package registries). "
             "Use an alternative that does not need it (gfocalv2's deformable ResNet uses "
             "torchvision.ops.deform_conv2d; COCO evaluation uses pycocotools), or build Detectron2 "
-            "from source: https://detectron2.readthedocs.io/en/latest/tutorials/install.html"
+            "from source: see 'Installing on your own GPU machine' in gfocalv2's README"
         )
 
 
@@ -87,41 +142,6 @@ def _install_compiled_ops_standin():
     sys.modules["detectron2._C"] = standin
     detectron2._C = standin
     COMPAT_STATE["patches"].append("detectron2._C stand-in")
-
-
-def _restore_pillow_linear():
-    from PIL import Image
-
-    if not hasattr(Image, "LINEAR"):
-        Image.LINEAR = Image.BILINEAR
-        COMPAT_STATE["patches"].append("PIL.Image.LINEAR")
-
-
-def _restore_numpy_aliases():
-    import numpy as np
-
-    for name, builtin in (("bool", bool), ("int", int), ("float", float), ("complex", complex)):
-        if not hasattr(np, name):
-            setattr(np, name, builtin)
-            COMPAT_STATE["patches"].append(f"numpy.{name}")
-
-
-def _provide_pkg_resources():
-    try:
-        import pkg_resources  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    import importlib.resources
-
-    def resource_filename(package, resource):
-        return str(importlib.resources.files(package).joinpath(resource))
-
-    shim = types.ModuleType("pkg_resources", "Minimal stand-in for setuptools' pkg_resources (gfocalv2.compat)")
-    shim.resource_filename = resource_filename
-    sys.modules["pkg_resources"] = shim
-    COMPAT_STATE["patches"].append("pkg_resources.resource_filename")
 
 
 def _use_pycocotools_for_fast_eval():
@@ -136,6 +156,57 @@ def _use_pycocotools_for_fast_eval():
     COMPAT_STATE["patches"].append("COCOeval_opt -> pycocotools COCOeval")
 
 
+def _restore_pillow_linear():
+    from PIL import Image
+
+    if hasattr(Image, "LINEAR") or "Image.LINEAR" not in _detectron2_source("data/transforms/transform.py"):
+        return
+    Image.LINEAR = Image.BILINEAR
+    COMPAT_STATE["patches"].append("PIL.Image.LINEAR")
+
+
+def _restore_numpy_aliases():
+    import numpy as np
+
+    missing = [name for name in _NUMPY_ALIASES if name not in vars(np)]  # vars(): no deprecation warnings
+    if not missing:
+        return
+    used = _detectron2_numpy_aliases_used()
+    for name in missing:
+        if name in used:
+            setattr(np, name, _NUMPY_ALIASES[name])
+            COMPAT_STATE["patches"].append(f"numpy.{name}")
+
+
+def _provide_pkg_resources():
+    if not _module_missing("pkg_resources"):
+        return
+    if "pkg_resources" not in _detectron2_source("model_zoo/model_zoo.py"):
+        return
+    import importlib.resources
+
+    def resource_filename(package, resource):
+        return str(importlib.resources.files(package).joinpath(resource))
+
+    shim = types.ModuleType("pkg_resources", "Minimal stand-in for setuptools' pkg_resources (gfocalv2.compat)")
+    shim.resource_filename = resource_filename
+    sys.modules["pkg_resources"] = shim
+    COMPAT_STATE["patches"].append("pkg_resources.resource_filename")
+
+
+#: torch's deprecation of ``torch.jit.script`` (a FutureWarning since torch 2.1x).
+_TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.script` is deprecated"
+
+
+def _import_detectron2_modeling_quietly():
+    # fvcore.nn.focal_loss and detectron2.modeling.box_regression script functions when imported:
+    # without this, every `import gfocalv2` (and so every tool) starts with two warnings about
+    # library code the user cannot change. Once imported, the modules are cached.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCHSCRIPT_DEPRECATION, category=FutureWarning)
+        importlib.import_module("detectron2.modeling")
+
+
 def apply():
     """Make Detectron2 importable and usable here; idempotent. Returns COMPAT_STATE."""
     if COMPAT_STATE["applied"]:
@@ -147,16 +218,21 @@ def apply():
             "gfocalv2 needs Detectron2, which is not installed in this Python "
             f"({sys.executable}). Run `make install` in the gfocalv2 repository (it installs a "
             "pure-Python Detectron2 0.6 from the package registries), or build Detectron2 from "
-            "source: https://detectron2.readthedocs.io/en/latest/tutorials/install.html"
+            "source: see 'Installing on your own GPU machine' in gfocalv2's README"
         ) from e
     compiled = has_compiled_ops()
     COMPAT_STATE["compiled_ops"] = compiled
+    # Library-level fixes first: detectron2.evaluation (imported by the last fix) imports
+    # detectron2.data, which needs PIL's LINEAR on v0.6.
+    _restore_pillow_linear()
+    _restore_numpy_aliases()
+    _provide_pkg_resources()
     if not compiled:
         _install_compiled_ops_standin()
-        _restore_pillow_linear()
-        _restore_numpy_aliases()
-        _provide_pkg_resources()
+    _import_detectron2_modeling_quietly()
+    if not compiled:
         _use_pycocotools_for_fast_eval()
+    if COMPAT_STATE["patches"]:
         logger.debug("gfocalv2.compat applied: %s", ", ".join(COMPAT_STATE["patches"]))
     COMPAT_STATE["applied"] = True
     return COMPAT_STATE

@@ -129,6 +129,58 @@ def test_truncated_weights_file_is_named(tmp_path):
         checkpointer_for(cfg, model).load(str(path))
 
 
+def _main_branch_load_contract(monkeypatch):
+    """Make DetectionCheckpointer.load behave as on Detectron2 main (after v0.6), whatever is installed:
+    it records the path in _parsed_url_during_load, asserts that is None when a load starts, and
+    resets it only when the load succeeds."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    real_load = DetectionCheckpointer.load
+
+    def load(self, path, *args, **kwargs):
+        assert getattr(self, "_parsed_url_during_load", None) is None
+        self._parsed_url_during_load = path
+        ret = real_load(self, path, *args, **kwargs)
+        self._parsed_url_during_load = None
+        return ret
+
+    monkeypatch.setattr(DetectionCheckpointer, "load", load)
+
+
+@pytest.mark.parametrize("contract", ["installed", "main"])
+def test_checkpointer_loads_again_after_an_unreadable_file(tmp_path, monkeypatch, contract):
+    if contract == "main":
+        _main_branch_load_contract(monkeypatch)
+    cfg, model = _tiny_model()
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    torch.save({"model": model.state_dict(), "iteration": 7}, good)
+    bad.write_bytes(good.read_bytes()[:1000])
+    checkpointer = checkpointer_for(cfg, model)
+    with pytest.raises(UnreadableCheckpointError):
+        checkpointer.load(str(bad))
+    assert checkpointer.load(str(good))["iteration"] == 7
+    assert getattr(checkpointer, "_parsed_url_during_load", None) is None
+
+
+@pytest.mark.parametrize("contract", ["installed", "main"])
+def test_resume_skips_an_unreadable_last_checkpoint(tmp_path, monkeypatch, contract):
+    """--resume: last_checkpoint names a truncated file -> the newest readable model_*.pth is used."""
+    if contract == "main":
+        _main_branch_load_contract(monkeypatch)
+    cfg, model = _tiny_model()
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": model.state_dict(), "iteration": 3}, out / "model_0000003.pth")
+    final = out / "model_final.pth"
+    torch.save({"model": model.state_dict(), "iteration": 5}, final)
+    final.write_bytes(final.read_bytes()[:1000])
+    (out / "last_checkpoint").write_text("model_final.pth")
+    with capture_logs() as logs:
+        ret = checkpointer_for(cfg, model, str(out)).resume_or_load("", resume=True)
+    assert ret["iteration"] == 3
+    assert "resumed from" in messages(logs) and "model_0000003.pth" in messages(logs)
+
+
 def test_other_class_count_is_refused_unless_reinit_is_asked(tmp_path):
     _, model3 = _tiny_model(3)
     path = tmp_path / "three_classes.pth"

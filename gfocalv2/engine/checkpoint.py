@@ -155,7 +155,15 @@ class GFocalCheckpointer(DetectionCheckpointer):
                 f"MODEL.WEIGHTS {path} does not exist. Give the path of a .pth/.pkl checkpoint "
                 "(e.g. OUTPUT_DIR/model_final.pth), or MODEL.WEIGHTS \"\" to start from random weights."
             )
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # Detectron2 after v0.6 records the URL being loaded in _parsed_url_during_load and asserts
+            # that it is None when the next load starts, but leaves it set when a load raises: without
+            # this, the checkpointer could not load anything after one unreadable file (the --resume
+            # fallback below). v0.6 has no such attribute.
+            if getattr(self, "_parsed_url_during_load", None) is not None:
+                self._parsed_url_during_load = None
 
     def _load_file(self, filename):
         try:

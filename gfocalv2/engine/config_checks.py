@@ -18,6 +18,7 @@ from detectron2.config import CfgNode
 
 __all__ = [
     "add_reliability_config",
+    "check_solver_steps",
     "cfg_get",
     "merge_config_file",
     "merge_config_list",
@@ -216,4 +217,41 @@ def merge_config_list(cfg, opts, source="command-line override"):
             raise _unknown_key_error(cfg, key, f"{source} {key} {value}") from None
         except ValueError as e:
             raise _value_error(e, f"{source} {key} {value}") from None
+    return cfg
+
+
+def check_solver_steps(cfg: CfgNode) -> CfgNode:
+    """Check ``SOLVER.STEPS`` of the step schedule (``SOLVER.LR_SCHEDULER_NAME``
+    "WarmupMultiStepLR") against ``SOLVER.MAX_ITER``; ``cfg`` must not be frozen.
+
+    Steps that are not positive or not increasing are an error (:class:`ConfigValueError`
+    naming SOLVER.STEPS). Steps at or after ``SOLVER.MAX_ITER`` never take effect (Detectron2's
+    semantics), but fvcore's scheduler refuses a step equal to MAX_ITER with a traceback
+    ("Milestone must be smaller than total number of updates"): they are dropped here, with
+    one warning, so that a shortened schedule (e.g. ``SOLVER.MAX_ITER 8``) trains.
+    Other schedulers do not read SOLVER.STEPS and are left alone. Returns ``cfg``.
+    """
+    solver = cfg.SOLVER
+    if solver.get("LR_SCHEDULER_NAME", "WarmupMultiStepLR") != "WarmupMultiStepLR":
+        return cfg
+    steps = tuple(solver.STEPS)
+    if any(s <= 0 for s in steps):
+        raise ConfigValueError(
+            f"SOLVER.STEPS {steps}: the iterations at which the learning rate drops must be positive"
+        )
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ConfigValueError(
+            f"SOLVER.STEPS {steps}: the iterations at which the learning rate drops must be strictly "
+            f"increasing, e.g. {tuple(sorted(set(steps)))}"
+        )
+    max_iter = solver.MAX_ITER
+    dropped = tuple(s for s in steps if s >= max_iter)
+    if dropped:
+        kept = tuple(s for s in steps if s < max_iter)
+        logger.warning(
+            "SOLVER.STEPS %s: %s at or after SOLVER.MAX_ITER %d never take effect and are dropped "
+            "(SOLVER.STEPS is now %s)",
+            steps, dropped, max_iter, kept,
+        )
+        solver.STEPS = kept
     return cfg

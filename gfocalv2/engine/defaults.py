@@ -12,7 +12,7 @@ from ..config import add_gfocalv2_config
 from ..modeling.inference_optimization import optimized_copy, resolve_memory_format
 from .datasets import check_datasets_registered, get_thing_classes, register_coco_datasets
 from .amp import CPUAutocastMixin
-from .config_checks import merge_config_file, merge_config_list
+from .config_checks import check_solver_steps, merge_config_file, merge_config_list
 from .reliability import ReliableTrainerMixin
 
 __all__ = ["Trainer", "workflow_argument_parser", "add_register_coco_argument", "build_cfg", "setup_cfg"]
@@ -67,6 +67,7 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
         merge_config_list(cfg, list(opts))
     if register_coco:
         cfg.DATASETS.REGISTER_COCO = [list(e) for e in cfg.DATASETS.REGISTER_COCO] + [list(e) for e in register_coco]
+    check_solver_steps(cfg)  # steps >= MAX_ITER dropped with a warning, bad steps refused
     _fall_back_to_cpu(cfg)
     resolve_memory_format(cfg.TEST.MEMORY_FORMAT, cfg.MODEL.DEVICE)  # a bad value fails now, not after training
     if freeze:

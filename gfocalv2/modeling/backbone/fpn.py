@@ -3,7 +3,16 @@
 Detectron2's RetinaNet FPN instead takes P6 from C5 and applies a ReLU before P7;
 the authors' GFocal (MMDetection ``add_extra_convs='on_output'``,
 ``relu_before_extra_convs=False``) does not.
+
+Only the pyramid levels the detector's head reads are built (see :func:`head_in_features`):
+a level that is computed but not read would leave its convolutions without a gradient,
+which DistributedDataParallel refuses ("parameters that were not used in producing loss").
+The parameter names do not depend on which levels are built (``backbone.top_block.p6/p7``,
+``backbone.fpn_lateral<k>/fpn_output<k>``), so the full P3-P7 model keeps its names.
 """
+import math
+from typing import List, Optional
+
 from torch import nn
 
 import fvcore.nn.weight_init as weight_init
@@ -12,49 +21,120 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 
 from .resnet import build_gfocal_resnet_backbone
 
-__all__ = ["LastLevelP6P7FromP5", "build_gfocal_fpn", "build_gfocal_resnet_fpn_backbone"]
+__all__ = [
+    "HEAD_IN_FEATURES_KEYS",
+    "LastLevelP6P7FromP5",
+    "build_gfocal_fpn",
+    "build_gfocal_resnet_fpn_backbone",
+    "head_in_features",
+]
+
+#: Where each meta-architecture that can use these backbones reads its head's input levels.
+#: Other meta-architectures get every level (P3-P7).
+HEAD_IN_FEATURES_KEYS = {
+    "GFocalV2": "MODEL.GFOCAL.IN_FEATURES",
+    "RetinaNet": "MODEL.RETINANET.IN_FEATURES",
+    # projects/DigitScenes: Detectron2's FCOS built from the MODEL.RETINANET keys.
+    "D2FCOS": "MODEL.RETINANET.IN_FEATURES",
+    # A yacs FCOS (not in Detectron2 0.6) would read its own node, when the config has it.
+    "FCOS": "MODEL.FCOS.IN_FEATURES",
+}
+
+
+def head_in_features(cfg) -> Optional[List[str]]:
+    """The backbone levels the head of ``cfg.MODEL.META_ARCHITECTURE`` reads, or None when
+    unknown (a meta-architecture not in :data:`HEAD_IN_FEATURES_KEYS`, or its key is absent)."""
+    key = HEAD_IN_FEATURES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
+    if key is None:
+        return None
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return list(node)
 
 
 class LastLevelP6P7FromP5(nn.Module):
     """P6 = conv3x3/2(P5), P7 = conv3x3/2(P6), with no activation in between.
 
     Input: P5 of shape (N, C, H, W); outputs [P6 (N, C, H/2, W/2), P7 (N, C, H/4, W/4)].
+    With ``num_levels=1`` only P6 is built and returned (no ``p7`` module).
     """
 
-    def __init__(self, channels: int, in_feature: str = "p5"):
+    def __init__(self, channels: int, in_feature: str = "p5", num_levels: int = 2):
         super().__init__()
-        self.num_levels = 2
+        if num_levels not in (1, 2):
+            raise ValueError(f"LastLevelP6P7FromP5 builds 1 (P6) or 2 (P6, P7) levels, not {num_levels}")
+        self.num_levels = num_levels
         self.in_feature = in_feature
+        # Same creation and initialization order as always, so that the full P6/P7 block
+        # draws the same random numbers.
         self.p6 = nn.Conv2d(channels, channels, 3, 2, 1)
-        self.p7 = nn.Conv2d(channels, channels, 3, 2, 1)
-        for module in (self.p6, self.p7):
-            weight_init.c2_xavier_fill(module)
+        if num_levels == 2:
+            self.p7 = nn.Conv2d(channels, channels, 3, 2, 1)
+        for module in (self.p6, getattr(self, "p7", None)):
+            if module is not None:
+                weight_init.c2_xavier_fill(module)
 
     def forward(self, p5):
         p6 = self.p6(p5)
+        if self.num_levels == 1:
+            return [p6]
         p7 = self.p7(p6)
         return [p6, p7]
 
 
-def build_gfocal_fpn(cfg, bottom_up):
-    """Detectron2 FPN over ``MODEL.FPN.IN_FEATURES`` of ``bottom_up``, plus P6/P7 from P5.
+def _level(name: str) -> Optional[int]:
+    """``"p5"`` -> 5; None for names that are not pyramid levels."""
+    if len(name) > 1 and name[0] == "p" and name[1:].isdigit():
+        return int(name[1:])
+    return None
 
-    The output features are p3..p7 (strides 8..128) when the inputs are res3..res5.
+
+def build_gfocal_fpn(cfg, bottom_up):
+    """Detectron2 FPN over ``MODEL.FPN.IN_FEATURES`` of ``bottom_up``, plus P6/P7 from P5,
+    restricted to the levels the head reads (:func:`head_in_features`).
+
+    With the inputs res3..res5, the output features are p3..p7 (strides 8..128) when the head
+    reads p3..p7 (or when the meta-architecture is unknown). A head on p3..p5 gets no P6/P7
+    block, one on p3..p6 gets P6 only; FPN inputs finer than the finest level read are left
+    out (a head on p4..p7 gets no res3 lateral/output convs). The levels in between are
+    always built: the top-down path and the P6/P7 block need them.
     """
-    in_features = cfg.MODEL.FPN.IN_FEATURES
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    last_level = "p" + str(int(in_features[-1][-1]))  # "res5" -> "p5"
+    shapes = bottom_up.output_shape()
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.FPN.IN_FEATURES {in_features}: {missing} not produced by the bottom-up backbone, "
+            f"which outputs {sorted(shapes)}"
+        )
+    fpn_levels = [int(math.log2(shapes[f].stride)) for f in in_features]  # "res5" (stride 32) -> 5
+    last = fpn_levels[-1]
+    num_top = 2
+    read = head_in_features(cfg)
+    if read is not None:
+        read_levels = [lv for lv in (_level(f) for f in read) if lv is not None]
+        num_top = 2 if last + 2 in read_levels else 1 if last + 1 in read_levels else 0
+        finest = min([lv for lv in read_levels if lv >= fpn_levels[0]] or [last])
+        in_features = [f for f, lv in zip(in_features, fpn_levels) if lv >= finest] or in_features[-1:]
+    top_block = None
+    if num_top:
+        top_block = LastLevelP6P7FromP5(out_channels, in_feature=f"p{last}", num_levels=num_top)
     return FPN(
         bottom_up=bottom_up,
         in_features=in_features,
         out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7FromP5(out_channels, in_feature=last_level),
+        top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
 
 
 @BACKBONE_REGISTRY.register()
 def build_gfocal_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
-    """ResNet (plain, ResNeXt or deformable, per ``MODEL.RESNETS.*``) + FPN + P6/P7 from P5."""
+    """ResNet (plain, ResNeXt or deformable, per ``MODEL.RESNETS.*``) + FPN + P6/P7 from P5
+    (the levels the head reads; see :func:`build_gfocal_fpn`)."""
     return build_gfocal_fpn(cfg, build_gfocal_resnet_backbone(cfg, input_shape))

@@ -5,6 +5,8 @@
     python train_net.py --config-file configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml --num-gpus 8
     # on a CPU-only machine (chosen automatically when CUDA is unavailable)
     python train_net.py --config-file ... MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 2
+    # without CUDA, --num-gpus N starts N CPU processes (gloo): for checking a multi-process set-up
+    python train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 4
     # resume from OUTPUT_DIR/last_checkpoint
     python train_net.py --config-file ... --resume
     # evaluate a checkpoint
@@ -18,12 +20,12 @@ Trailing ``KEY VALUE`` pairs override the config; they must come after all ``--f
 """
 import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFocalV2)
 
-from detectron2.engine import launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser
 from gfocalv2.engine.checkpoint import checkpointer_for
+from gfocalv2.engine.distributed import launch_from_args
 
 
 def main(args):
@@ -45,14 +47,7 @@ def main(args):
 def invoke_main():
     args = workflow_argument_parser(epilog=__doc__).parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)  # Detectron2's launch on CUDA; CPU processes on gloo otherwise
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ quiet import             always harmless: torch deprecates               ``detec
                          ``torch.jit.script``, which fvcore's focal      that one warning ignored (the user's own
                          loss and Detectron2's ``box_regression`` call   ``torch.jit.script`` calls still warn)
                          at import time
+``torch.meshgrid``       Detectron2's ``anchor_generator.py`` calls it   torch's once-per-process warning about the
+warning                  without ``indexing=`` (v0.6 and main)           missing argument is used up silently
 =======================  ==============================================  =============================================
 
 What was applied is recorded in :data:`COMPAT_STATE` (``collect_env``-style
@@ -41,7 +43,7 @@ import sys
 import types
 import warnings
 
-__all__ = ["apply", "has_compiled_ops", "CompiledOpsUnavailable", "COMPAT_STATE"]
+__all__ = ["apply", "has_compiled_ops", "CompiledOpsUnavailable", "COMPAT_STATE", "create_local_process_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +196,24 @@ def _provide_pkg_resources():
     COMPAT_STATE["patches"].append("pkg_resources.resource_filename")
 
 
+def create_local_process_group(num_workers_per_machine, machine_rank):
+    """Detectron2's per-machine process group (``comm.get_local_rank()`` and friends read it).
+
+    Detectron2 after v0.6 has ``comm.create_local_process_group``; v0.6 builds the group inside
+    its CUDA-only ``launch`` and stores it in ``comm._LOCAL_PROCESS_GROUP``.
+    """
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if hasattr(comm, "create_local_process_group"):
+        return comm.create_local_process_group(num_workers_per_machine)
+    for i in range(dist.get_world_size() // num_workers_per_machine):
+        group = dist.new_group(list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine)))
+        if i == machine_rank:  # every process creates every group, in the same order
+            comm._LOCAL_PROCESS_GROUP = group
+    return comm._LOCAL_PROCESS_GROUP
+
+
 #: torch's deprecation of ``torch.jit.script`` (a FutureWarning since torch 2.1x).
 _TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.script` is deprecated"
 
@@ -205,6 +225,22 @@ def _import_detectron2_modeling_quietly():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TORCHSCRIPT_DEPRECATION, category=FutureWarning)
         importlib.import_module("detectron2.modeling")
+
+
+def _quiet_anchor_meshgrid():
+    # Detectron2's anchor generator (v0.6 and main) calls torch.meshgrid without `indexing=`, so the
+    # first forward of any model with anchors warns "torch.meshgrid: in an upcoming release, it will
+    # be required to pass the indexing argument". torch gives that warning once per process: use
+    # that once here, silently, with the same arguments Detectron2 gives (its result is the same).
+    source = _detectron2_source("modeling/anchor_generator.py")
+    if not re.search(r"torch\.meshgrid\((?![^)]*indexing)", source):
+        return
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.meshgrid(torch.zeros(1), torch.zeros(1))
+    COMPAT_STATE["patches"].append("torch.meshgrid warning of Detectron2's anchor generator")
 
 
 def apply():
@@ -230,6 +266,7 @@ def apply():
     if not compiled:
         _install_compiled_ops_standin()
     _import_detectron2_modeling_quietly()
+    _quiet_anchor_meshgrid()
     if not compiled:
         _use_pycocotools_for_fast_eval()
     if COMPAT_STATE["patches"]:

@@ -148,6 +148,35 @@ def test_importing_gfocalv2_prints_nothing():
     assert proc.stdout == "" and proc.stderr == "", proc.stderr[-3000:]
 
 
+def test_a_training_step_and_inference_print_nothing():
+    """Library warnings on the first forward (Detectron2's anchor generator calls torch.meshgrid
+    without indexing=) are not shown to the user either."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        import gfocalv2  # first, as the README says
+        import torch
+        from detectron2.modeling import build_model
+        from model_utils import gfocal_cfg, random_input
+        torch.manual_seed(0)
+        model = build_model(gfocal_cfg(tiny=True)).train()
+        g = torch.Generator().manual_seed(0)
+        losses = model([random_input(g, 64, 64, 2, 3)])
+        sum(losses.values()).backward()
+        model.eval()
+        with torch.no_grad():
+            model([{"image": torch.rand(3, 64, 64) * 255}])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "" and proc.stderr == "", proc.stderr[-3000:]
+
+
 def test_the_installed_detectron2_is_handled_as_what_it_is():
     """Whatever Detectron2 is installed (pure-Python 0.6, or official v0.6/main built from source)."""
     import detectron2.evaluation.coco_evaluation as coco_evaluation

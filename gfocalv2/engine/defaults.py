@@ -1,18 +1,24 @@
 """The Detectron2 training workflow for GFocalV2: config setup, argument parser, Trainer."""
 import logging
 import os
+import weakref
 
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_argument_parser, default_setup
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
 
 from ..config import add_gfocalv2_config
 from ..modeling.inference_optimization import optimized_copy, resolve_memory_format
 from .datasets import check_datasets_registered, get_thing_classes, register_coco_datasets
 from .amp import CPUAutocastMixin
+from .checkpoint import checkpointer_for
 from .config_checks import check_solver_steps, merge_config_file, merge_config_list
+from .distributed import check_batch_norm_across_processes, create_ddp_model
 from .reliability import ReliableTrainerMixin
 
 __all__ = ["Trainer", "workflow_argument_parser", "add_register_coco_argument", "build_cfg", "setup_cfg"]
@@ -83,10 +89,46 @@ def setup_cfg(args, freeze=True):
         args.config_file, args.opts, getattr(args, "register_coco", None) or (), freeze=freeze
     )
     default_setup(cfg, args)
+    # This package's messages, like Detectron2's: on the console of rank 0 only, and in
+    # OUTPUT_DIR/log.txt (log.txt.rankN for the other processes).
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gfocalv2", abbrev_name="gfocal")
     return cfg
 
 
-class Trainer(ReliableTrainerMixin, CPUAutocastMixin, DefaultTrainer):
+class MultiProcessDefaultTrainer(DefaultTrainer):
+    """``DefaultTrainer`` whose model is wrapped for several processes on CPU as on CUDA.
+
+    Its ``__init__`` is Detectron2's (the same in v0.6 and later versions), except for two lines:
+    the model goes through :func:`~gfocalv2.engine.distributed.create_ddp_model` (Detectron2's
+    passes CUDA ``device_ids``, which a CPU model refuses), and a multi-process run with trained,
+    unsynchronized BatchNorm is refused before anything starts.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        # Assume these objects must be constructed in this order.
+        model = self.build_model(cfg)
+        check_batch_norm_across_processes(model, cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = checkpointer_for(cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+
+        self.register_hooks(self.build_hooks())
+
+
+class Trainer(ReliableTrainerMixin, CPUAutocastMixin, MultiProcessDefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with COCO evaluation and a class-count check, made
     robust by :class:`~gfocalv2.engine.reliability.ReliableTrainerMixin` (checked datasets,
     skipped unreadable images, non-finite-loss stop with a last-good checkpoint, atomic

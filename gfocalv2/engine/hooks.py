@@ -47,30 +47,35 @@ def describe_batch(data, limit=16):
     return out
 
 
-def _all_finite(losses):
+def _agree_on_step(losses, stop_requested):
+    """``(all losses finite on every rank, some rank asked to stop)``: one all-reduce of two flags
+    with several processes, so every rank takes the same decision at the same step."""
     values = [v.detach().float().sum() for v in losses.values() if isinstance(v, torch.Tensor)]
-    if not values:
-        return True
-    ok = torch.isfinite(torch.stack(values)).all()
+    finite = torch.isfinite(torch.stack(values)).all() if values else torch.tensor(True)
     if comm.get_world_size() > 1 and dist.is_available() and dist.is_initialized():
-        bad = (~ok).to(torch.int32).reshape(1)
-        dist.all_reduce(bad)  # every rank stops, not only the one that saw it
-        return bool(bad.item() == 0)
-    return bool(ok.item())
+        flags = torch.stack([(~finite).to(torch.int32), torch.tensor(int(stop_requested), dtype=torch.int32,
+                                                                      device=finite.device)])
+        dist.all_reduce(flags)  # every rank stops, not only the one that saw it
+        bad, stop = flags.tolist()
+        return bad == 0, stop > 0
+    return bool(finite.item()), bool(stop_requested)
 
 
 class LossGuard:
     """Stands in for the model inside Detectron2's ``SimpleTrainer``/``AMPTrainer``.
 
     Calls the model, and raises :class:`NonFiniteLossError` before the trainer runs
-    ``backward()`` if a loss is NaN/inf. ``returned`` tells whether the current step got past
+    ``backward()`` if a loss is NaN/inf on any rank. The same all-reduce tells every rank whether
+    any of them was asked to stop (``stop_requested()``, e.g. after SIGTERM): ``stop_agreed``. ``returned`` tells whether the current step got past
     the forward pass (so a failure before it leaves the weights of the previous iteration).
     Every other attribute is the model's.
     """
 
-    def __init__(self, model, get_iteration):
+    def __init__(self, model, get_iteration, stop_requested=lambda: False):
         self.__dict__["_model"] = model
         self.__dict__["_get_iteration"] = get_iteration
+        self.__dict__["_stop_requested"] = stop_requested
+        self.__dict__["stop_agreed"] = False
         self.__dict__["returned"] = False
         self.__dict__["buffer_snapshot"] = None
         self.__dict__["last_batch"] = []
@@ -144,7 +149,9 @@ class LossGuard:
         if not self._model.training:  # inference outputs, not losses
             return loss_dict
         losses = loss_dict if isinstance(loss_dict, dict) else {"total_loss": loss_dict}
-        if not _all_finite(losses):
+        finite, stop = _agree_on_step(losses, self._stop_requested())
+        self.__dict__["stop_agreed"] = stop  # every rank finishes this step, then stops (see reliability)
+        if not finite:
             it = self._get_iteration()
             values = {k: float(v.detach().float().sum()) for k, v in losses.items() if isinstance(v, torch.Tensor)}
             images = self.last_batch
@@ -194,6 +201,11 @@ def guard_optimizer_step(optimizer, on_update, get_iteration, get_guard):
         on_update()
         return real_step(*args, **kwargs)
 
+    if getattr(real_step, "_wrapped_by_lr_sched", False):
+        # Wrapped after the LR scheduler was built: keep torch's marker, or the scheduler's first
+        # step() warns that "optimizer.step() has been overridden after learning rate scheduler
+        # initialization" (the scheduler's own wrapper still runs, inside real_step).
+        step._wrapped_by_lr_sched = True
     optimizer.step = types.MethodType(step, optimizer)  # bound, as LR schedulers expect to re-wrap it
     return optimizer
 

@@ -21,18 +21,35 @@ as a mixin for Detectron2's ``DefaultTrainer``::
 import logging
 import math
 import os
+import signal
+import threading
 from collections import OrderedDict
 
-from detectron2.engine.hooks import EvalHook
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from .checkpoint import checkpointer_for
+from .checkpoint import GFocalCheckpointer, checkpointer_for
+from .distributed import ProcessFailedError, ProcessFaults
 from .hooks import DataSeedHook, LossGuard, NonFiniteLossError, all_finite_tensors, guard_optimizer_step
 
-__all__ = ["ReliableTrainerMixin", "NothingPredictedEvaluator"]
+__all__ = ["ReliableTrainerMixin", "NothingPredictedEvaluator", "TrainingInterrupted"]
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint. A ``SystemExit`` with the
+    conventional status 128 + signal number (143 for SIGTERM, 130 for SIGINT): scripts exit with
+    it, without a traceback; ``message`` says where the state is."""
+
+    def __init__(self, signum, message):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.message = message
+
+    def __str__(self):
+        return self.message
 
 
 class NothingPredictedEvaluator(DatasetEvaluator):
@@ -92,7 +109,10 @@ class ReliableTrainerMixin:
     def __init__(self, cfg):
         super().__init__(cfg)
         inner = self._trainer
-        self._loss_guard = LossGuard(inner.model, lambda: self.iter)
+        self._stop_signal = None  # set by SIGTERM/SIGINT during train()
+        self._failed = False  # a step or hook failed: after_train then neither evaluates nor saves
+        self._faults = ProcessFaults()
+        self._loss_guard = LossGuard(inner.model, lambda: self.iter, lambda: self._stop_signal is not None)
         inner.model = self._loss_guard
         self._update_started = False
         guard_optimizer_step(
@@ -133,8 +153,9 @@ class ReliableTrainerMixin:
         return sampler if isinstance(sampler, ResumableBatchSampler) else None
 
     def build_hooks(self):
-        old = self.checkpointer  # DefaultTrainer's; same arguments, atomic saves + checked loads
-        self.checkpointer = checkpointer_for(self.cfg, old.model, old.save_dir, **old.checkpointables)
+        old = self.checkpointer
+        if not isinstance(old, GFocalCheckpointer):  # DefaultTrainer's: same arguments, atomic saves + checked loads
+            self.checkpointer = checkpointer_for(self.cfg, old.model, old.save_dir, **old.checkpointables)
         hooks = super().build_hooks()
         for hook in hooks:
             if isinstance(hook, EvalHook) and hasattr(hook, "_func"):
@@ -186,17 +207,100 @@ class ReliableTrainerMixin:
         try:
             super().run_step()
         except BaseException as e:
+            self._failed = True
             # Failed in data loading, forward, loss check, backward or gradient check: the
             # weights and optimizer are still those after the previous iteration.
             if not self._update_started:
                 self._loss_guard.restore_buffers()  # BatchNorm statistics of the failed forward
+                # A non-finite loss or gradient is seen by every process at the same point (all-reduced);
+                # anything else happened in this process alone, or is the echo of another's failure.
+                alone = not isinstance(e, NonFiniteLossError)
+                other = self._faults.posted_by_others() if alone else None
+                if alone and other is None:
+                    self._faults.post(f"{type(e).__name__}: {e}")
+                    if not comm.is_main_process():
+                        self._faults.leave_collectives()  # unblock the others now, not at the timeout
                 saved = self._save_last_good_state()
+                if comm.is_main_process():
+                    self._faults.publish_saved(saved)
+                elif self._faults.enabled:
+                    saved = self._faults.wait_saved()  # never exit while rank 0 is saving
                 if isinstance(e, NonFiniteLossError):
                     e.args = (
                         f"{e} {saved} To continue: lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable "
                         "SOLVER.CLIP_GRADIENTS (and check these images' annotations), then run again with --resume.",
                     )
+                elif other is not None:
+                    raise ProcessFailedError(
+                        f"Stopped at iteration {self.iter} because process {other[0]} failed: {other[1]} {saved}"
+                    ) from e
+                elif self._faults.enabled:
+                    logger.error("Iteration %d failed in this process (rank %d). %s", self.iter, comm.get_rank(), saved)
             raise
+
+    def before_step(self):
+        try:
+            super().before_step()
+        except BaseException:
+            self._failed = True
+            raise
+
+    def after_step(self):
+        try:
+            super().after_step()
+        except BaseException:
+            self._failed = True
+            raise
+        if self._loss_guard.stop_agreed:  # agreed by every process during this step's loss check
+            self._failed = True  # no final evaluation or model_final of an interrupted run
+            signum = self._stop_signal or signal.SIGTERM  # another process got the signal
+            saved = self._save_state(self.iter, "the state at the interruption")
+            if comm.is_main_process():
+                self._faults.publish_saved(saved)
+            elif self._faults.enabled:
+                saved = self._faults.wait_saved()  # never exit while rank 0 is saving
+            message = (f"Training stopped after iteration {self.iter} on {signal.Signals(signum).name}. {saved} "
+                       "Continue with --resume.")
+            logger.warning(message)
+            raise TrainingInterrupted(signum, message)
+
+    def before_train(self):
+        self._install_stop_handlers()
+        super().before_train()
+
+    def after_train(self):
+        try:
+            if not self._failed:
+                return super().after_train()
+            # After a failed or interrupted step: no evaluation (the other processes may be gone) and no
+            # checkpoint (Detectron2's would label the state of the previous iteration as this one).
+            self.storage.iter = self.iter
+            for hook in self._hooks:
+                if not isinstance(hook, (EvalHook, PeriodicCheckpointer)):
+                    hook.after_train()
+        finally:
+            self._restore_stop_handlers()
+
+    def _install_stop_handlers(self):
+        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step in every process, save it,
+        stop (see after_step). Only the main thread can install handlers."""
+        self._previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_signal is None:
+                logger.warning("%s received: stopping after this iteration, with a checkpoint",
+                               signal.Signals(signum).name)
+            self._stop_signal = signum
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, request_stop)
+
+    def _restore_stop_handlers(self):
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def _checkpoint_if_fails(self, evaluate):
         """An evaluation that fails during training first saves the state of the iteration that
@@ -206,6 +310,7 @@ class ReliableTrainerMixin:
             try:
                 return evaluate()
             except BaseException:
+                self._failed = True
                 if self.iter < self.max_iter:  # during training (after_train has iter == max_iter)
                     self._save_state(self.iter, "before the failed evaluation")
                 raise

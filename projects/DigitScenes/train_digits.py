@@ -20,12 +20,12 @@ sys.path.insert(0, _HERE)  # the digit_scenes package next to this script
 import gfocalv2  # noqa: E402,F401  (first: Detectron2 compatibility + registers GFocalV2)
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.engine import launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from digit_scenes import register_digit_scenes  # noqa: E402
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser  # noqa: E402
+from gfocalv2.engine.distributed import launch_from_args  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_HERE, "configs", "gfocalv2_R_18_digits.yaml")
 
@@ -151,7 +151,6 @@ def _short(path):
 
 def main(args):
     start = time.perf_counter()
-    args.opts = _opts_with_variant(args)
     cfg = setup_cfg(args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="digit_scenes", abbrev_name="digits")
     if any(n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)):
@@ -220,11 +219,10 @@ if __name__ == "__main__":
     args = get_parser().parse_args()
     if args.compare:
         sys.exit(run_comparison(args))
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    args.opts = _opts_with_variant(args)
+
+    def generate_data(cfg):  # once, before the processes start (each then reads the cached files)
+        if any(n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)):
+            register_digit_scenes(args.data_root)
+
+    launch_from_args(main, args, prepare=generate_data)

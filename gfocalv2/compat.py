@@ -28,6 +28,8 @@ quiet import             always harmless: torch deprecates               ``detec
                          at import time
 ``torch.meshgrid``       Detectron2's ``anchor_generator.py`` calls it   torch's once-per-process warning about the
 warning                  without ``indexing=`` (v0.6 and main)           missing argument is used up silently
+``TypedStorage`` warning Detectron2's ``utils/comm.py`` serializes       that deprecation warning is ignored when it
+                         with ``torch.ByteStorage`` (v0.6)               comes from ``detectron2.utils.comm``
 =======================  ==============================================  =============================================
 
 What was applied is recorded in :data:`COMPAT_STATE` (``collect_env``-style
@@ -243,6 +245,17 @@ def _quiet_anchor_meshgrid():
     COMPAT_STATE["patches"].append("torch.meshgrid warning of Detectron2's anchor generator")
 
 
+def _quiet_comm_typed_storage():
+    # v0.6's comm._serialize_to_tensor (all_gather/gather of Python objects: metrics, evaluation
+    # results) uses torch.ByteStorage, which torch >= 2 deprecates with a UserWarning in every
+    # process of a multi-process run. Ignored for warnings attributed to that module only.
+    if "ByteStorage.from_buffer" not in _detectron2_source("utils/comm.py"):
+        return
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
+                            module=r"detectron2\.utils\.comm")
+    COMPAT_STATE["patches"].append("TypedStorage warning of detectron2.utils.comm")
+
+
 def apply():
     """Make Detectron2 importable and usable here; idempotent. Returns COMPAT_STATE."""
     if COMPAT_STATE["applied"]:
@@ -267,6 +280,7 @@ def apply():
         _install_compiled_ops_standin()
     _import_detectron2_modeling_quietly()
     _quiet_anchor_meshgrid()
+    _quiet_comm_typed_storage()
     if not compiled:
         _use_pycocotools_for_fast_eval()
     if COMPAT_STATE["patches"]:

@@ -79,7 +79,7 @@ def make_trainer(cfg, resume=False):
 
     from gfocalv2.engine import Trainer
 
-    seed_all_rng(cfg.SEED)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # as default_setup does
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=resume)
     return trainer

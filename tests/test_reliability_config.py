@@ -236,3 +236,21 @@ def test_eval_only_with_missing_weights_through_train_net(tmp_path):
     argv += small_opts(tmp_path / "o", "rel_eo", "rel_eo") + ["MODEL.WEIGHTS", str(tmp_path / "absent.pth")]
     with pytest.raises(FileNotFoundError, match="absent.pth does not exist"):
         train_net.main(workflow_argument_parser().parse_args([str(a) for a in argv]))
+
+
+def test_weights_path_with_a_query_is_not_reported_missing(tmp_path):
+    """Detectron2 after v0.6 accepts MODEL.WEIGHTS x.pth?matching_heuristics=True."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    cfg, model = _tiny_model()
+    path = tmp_path / "w.pth"
+    torch.save({"model": model.state_dict()}, path)
+    checkpointer = checkpointer_for(cfg, model)
+    if not hasattr(DetectionCheckpointer(torch.nn.Linear(1, 1)), "_parsed_url_during_load"):
+        # v0.6 takes the path as it is: no such file
+        with pytest.raises(FileNotFoundError, match="matching_heuristics=True does not exist"):
+            checkpointer.load(f"{path}?matching_heuristics=True")
+        return
+    checkpointer.load(f"{path}?matching_heuristics=True")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth does not exist"):
+        checkpointer.load(f"{tmp_path / 'nowhere.pth'}?matching_heuristics=True")

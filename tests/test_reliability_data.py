@@ -221,3 +221,14 @@ def test_a_run_with_a_truncated_image_finishes_with_a_warning(coco, tmp_path):
     assert "Skipping training image" in messages(logs) and "img_1.png" in messages(logs)
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["iteration"] == 3
+
+
+def test_repeat_factors_with_and_without_square_root():
+    """DATALOADER.REPEAT_SQRT (Detectron2 after v0.6; True is v0.6's behaviour): r = max(1, (t / f)^p)."""
+    from gfocalv2.data.loader import _repeat_factors
+
+    # category 1 in 1 of 4 images (f = 0.25), category 2 in all 4 (f = 1)
+    dicts = [{"annotations": [{"category_id": 1}, {"category_id": 2}]}] + [{"annotations": [{"category_id": 2}]}] * 3
+    t = 1.0
+    assert _repeat_factors(dicts, t).tolist() == pytest.approx([max(1.0, (t / 0.25) ** 0.5), 1.0, 1.0, 1.0])
+    assert _repeat_factors(dicts, t, sqrt=False).tolist() == pytest.approx([max(1.0, t / 0.25), 1.0, 1.0, 1.0])

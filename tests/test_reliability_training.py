@@ -363,3 +363,30 @@ def test_data_order_does_not_depend_on_the_number_of_workers(dataset, tmp_path):
                 for _ in range(4)]
 
     assert batches(0) == batches(2)
+
+
+def test_resume_from_a_checkpoint_without_optimizer_state(dataset, tmp_path):
+    """Written by Detectron2 0.6's own DefaultTrainer (no "_trainer"): resumes, with a warning, on
+    every Detectron2 version (later ones read "_trainer" unconditionally)."""
+    out = tmp_path / "run"
+    make_trainer(_cfg(out, dataset, 2, extra=["SOLVER.CHECKPOINT_PERIOD", "100"])).train()
+    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    del ckpt["trainer"]["_trainer"]
+    torch.save(ckpt, out / "model_final.pth")
+    with capture_logs() as logs:
+        resumed = make_trainer(_cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True)
+    assert resumed.start_iter == 2
+    assert "no optimizer state" in messages(logs)
+    resumed.train()
+
+
+def test_data_seed_of_a_random_seed_run_restores_the_augmentation_seed(dataset, tmp_path):
+    """SEED -1: the resumed run uses the saved data seed for the sampler and for the augmentations."""
+    from gfocalv2.engine.hooks import DataSeedHook
+
+    trainer = make_trainer(_cfg(tmp_path / "run", dataset, 2, extra=["SEED", "-1"]))
+    hook = next(h for h in trainer._hooks if isinstance(h, DataSeedHook))
+    saved = hook.state_dict()["data_seed"]
+    hook.load_state_dict({"data_seed": saved + 7})
+    assert hook.sampler.seed == saved + 7
+    assert trainer._trainer.data_loader.dataset.seed == saved + 7

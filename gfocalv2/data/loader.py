@@ -72,13 +72,14 @@ def seeded_rngs(seed):
             random.setstate(py_state)
 
 
-def _repeat_factors(dataset_dicts, repeat_thresh):
+def _repeat_factors(dataset_dicts, repeat_thresh, sqrt=True):
     category_freq = defaultdict(int)
     for d in dataset_dicts:
         for c in {a["category_id"] for a in d.get("annotations", [])}:
             category_freq[c] += 1
     n = len(dataset_dicts)
-    rep = {c: max(1.0, math.sqrt(repeat_thresh / (f / n))) for c, f in category_freq.items()}
+    # Detectron2 after v0.6 has DATALOADER.REPEAT_SQRT (default True, v0.6's behaviour)
+    rep = {c: max(1.0, (math.sqrt if sqrt else float)(repeat_thresh / (f / n))) for c, f in category_freq.items()}
     return torch.tensor(
         [max([rep[a["category_id"]] for a in d.get("annotations", [])], default=1.0) for d in dataset_dicts],
         dtype=torch.float32,
@@ -262,7 +263,9 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
     if sampler_name == "TrainingSampler":
         repeat_factors = None
     elif sampler_name == "RepeatFactorTrainingSampler":
-        repeat_factors = _repeat_factors(dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD)
+        repeat_factors = _repeat_factors(
+            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, cfg_get(cfg, "DATALOADER.REPEAT_SQRT", True)
+        )
     else:
         raise ValueError(
             f"DATALOADER.SAMPLER_TRAIN {sampler_name!r}: gfocalv2's resumable loader supports "

@@ -26,6 +26,8 @@ class CPUAutocastTrainer(SimpleTrainer):
                 loss_dict = {"total_loss": loss_dict}
         self.optimizer.zero_grad()
         losses.backward()
+        if hasattr(self, "after_backward"):  # Detectron2 after v0.6: hooks' after_backward
+            self.after_backward()
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
 

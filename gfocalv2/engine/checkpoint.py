@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+from urllib.parse import urlparse
 
 import torch
 
@@ -58,6 +59,11 @@ class UnreadableCheckpointError(CheckpointError):
 
 def _is_local(path):
     return "://" not in str(path)
+
+
+def _without_query(path):
+    """``x.pkl`` for ``x.pkl?matching_heuristics=True`` (a query Detectron2 after v0.6 accepts)."""
+    return urlparse(path)._replace(query="").geturl() if "?" in path else path
 
 
 def _fsync_dir(directory):
@@ -150,7 +156,9 @@ class GFocalCheckpointer(DetectionCheckpointer):
     def load(self, path, *args, **kwargs):
         if path:
             self._refuse_folded_model(f"load {path}")
-        if path and _is_local(path) and not os.path.isfile(path):
+        # Detectron2 after v0.6 (which has _parsed_url_during_load) strips a "?matching_heuristics=True" query
+        local = _without_query(path) if hasattr(self, "_parsed_url_during_load") else path
+        if path and _is_local(path) and not os.path.isfile(local):
             raise FileNotFoundError(
                 f"MODEL.WEIGHTS {path} does not exist. Give the path of a .pth/.pkl checkpoint "
                 "(e.g. OUTPUT_DIR/model_final.pth), or MODEL.WEIGHTS \"\" to start from random weights."

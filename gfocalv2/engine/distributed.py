@@ -16,15 +16,18 @@ without it (N CPU processes on the gloo backend, the same semantics).
   processes (each normalizes with its own batch and keeps its own running statistics, and only
   rank 0's are saved), so a multi-process run with them is refused at start-up.
 """
+import inspect
 import logging
 import os
 import signal
+import threading
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.engine import create_ddp_model as _detectron2_create_ddp_model
 from detectron2.engine import launch as _detectron2_launch
@@ -115,7 +118,58 @@ def _cpu_threads_per_process(num_processes):
     return max(1, (os.cpu_count() or 1) // num_processes)
 
 
+#: The signal (SIGTERM/SIGINT) that asked this process to stop, once one has; see StopSignals.
+_stop_signal = None
+
+
+def stop_signal():
+    """The SIGTERM/SIGINT received since :class:`StopSignals` was installed, or None."""
+    return _stop_signal
+
+
+class StopSignals:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) only record that the process should stop: the trainer
+    finishes the current step in every process, saves it and stops (see ``reliability``).
+
+    A context manager; installed for the whole life of a worker process (so a signal that comes
+    before training starts is not lost), and by ``Trainer.train()`` otherwise. Only the main thread
+    can install handlers: elsewhere it does nothing. Nested uses keep the outer handlers."""
+
+    def __enter__(self):
+        global _stop_signal, _sigints
+        self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGTERM) is _record_stop:
+            return self  # already installed (worker process)
+        _stop_signal, _sigints = None, 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, _record_stop)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+_sigints = 0
+
+
+def _record_stop(signum, frame):
+    global _stop_signal, _sigints
+    if signum == signal.SIGINT:
+        _sigints += 1
+        if _sigints > 1:  # Ctrl-C again: the user does not want to wait for the step to end
+            raise KeyboardInterrupt
+    if _stop_signal is None:
+        logger.warning("%s received: stopping after the current iteration, with a checkpoint",
+                       signal.Signals(signum).name)
+    _stop_signal = signum
+
+
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout, threads):
+    StopSignals().__enter__()  # for the life of this process
     global_rank = machine_rank * num_per_machine + local_rank
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout)
@@ -159,9 +213,10 @@ def launch(
 
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     threads = _cpu_threads_per_process(num_gpus_per_machine)
-    logger.info(
-        "Starting %d CPU processes on the gloo backend (%d thread(s) each); CPU processes are for checking a "
-        "multi-process set-up, not for speed", num_gpus_per_machine, threads,
+    # Printed: the launching process has no logger set up, and this is the one thing it says.
+    print(
+        f"Starting {num_gpus_per_machine} CPU processes on the gloo backend ({threads} thread(s) each): CPU "
+        "processes check a multi-process set-up, they do not make training faster.", flush=True,
     )
     context = mp.start_processes(
         _cpu_worker,
@@ -222,10 +277,16 @@ def _join_forwarding_signals(context):
 
 
 def create_ddp_model(model, **kwargs):
-    """Detectron2's ``create_ddp_model`` (``model`` itself with one process), for CUDA and CPU models."""
+    """Detectron2's ``create_ddp_model`` (``model`` itself with one process), for CUDA and CPU models.
+
+    ``broadcast_buffers`` (what Detectron2's trainer passes) becomes ``forward_sync_buffers`` where
+    torch has it and deprecates the former: the same behaviour in the forward pass, and the buffers
+    are still made equal once, when the model is wrapped."""
     if comm.get_world_size() > 1 and "device_ids" not in kwargs:
         device = next(model.parameters()).device
         kwargs["device_ids"] = [comm.get_local_rank()] if device.type == "cuda" else None
+    if "broadcast_buffers" in kwargs and "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
     return _detectron2_create_ddp_model(model, **kwargs)
 
 

@@ -212,10 +212,11 @@ def guard_optimizer_step(optimizer, on_update, get_iteration, get_guard):
 
 class DataSeedHook(HookBase):
     """Keeps the training data seed in the trainer's checkpoint state, so that a resumed
-    run continues the same data order even when ``SEED`` is -1 (random)."""
+    run continues the same data order and augmentations even when ``SEED`` is -1 (random)."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler, dataset=None):
         self.sampler = sampler
+        self.dataset = dataset  # its augmentations are seeded from the same seed
 
     def state_dict(self):
         return {"data_seed": int(self.sampler.seed)}
@@ -223,3 +224,5 @@ class DataSeedHook(HookBase):
     def load_state_dict(self, state):
         if "data_seed" in state:
             self.sampler.set_seed(state["data_seed"])
+            if hasattr(self.dataset, "seed"):
+                self.dataset.seed = int(state["data_seed"])

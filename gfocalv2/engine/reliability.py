@@ -22,15 +22,15 @@ import logging
 import math
 import os
 import signal
-import threading
 from collections import OrderedDict
 
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import GFocalCheckpointer, checkpointer_for
-from .distributed import ProcessFailedError, ProcessFaults
+from .distributed import ProcessFailedError, ProcessFaults, StopSignals, stop_signal
 from .hooks import DataSeedHook, LossGuard, NonFiniteLossError, all_finite_tensors, guard_optimizer_step
 
 __all__ = ["ReliableTrainerMixin", "NothingPredictedEvaluator", "TrainingInterrupted"]
@@ -109,10 +109,9 @@ class ReliableTrainerMixin:
     def __init__(self, cfg):
         super().__init__(cfg)
         inner = self._trainer
-        self._stop_signal = None  # set by SIGTERM/SIGINT during train()
         self._failed = False  # a step or hook failed: after_train then neither evaluates nor saves
         self._faults = ProcessFaults()
-        self._loss_guard = LossGuard(inner.model, lambda: self.iter, lambda: self._stop_signal is not None)
+        self._loss_guard = LossGuard(inner.model, lambda: self.iter, lambda: stop_signal() is not None)
         inner.model = self._loss_guard
         self._update_started = False
         guard_optimizer_step(
@@ -162,7 +161,7 @@ class ReliableTrainerMixin:
                 hook._func = self._checkpoint_if_fails(hook._func)
         sampler = self._train_sampler()
         if sampler is not None:
-            hooks.append(DataSeedHook(sampler))
+            hooks.append(DataSeedHook(sampler, getattr(self._trainer.data_loader, "dataset", None)))
         return hooks
 
     def resume_or_load(self, resume=True):
@@ -191,10 +190,13 @@ class ReliableTrainerMixin:
         return ret
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
+            super().load_state_dict(state_dict)  # Detectron2 after v0.6 loads "_trainer" here too: harmless
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
+            # Detectron2 after v0.6 reads state_dict["_trainer"] unconditionally (KeyError): load the
+            # rest (iteration, hooks) as TrainerBase does.
+            TrainerBase.load_state_dict(self, state_dict)
             logger.warning(
                 "The checkpoint has no optimizer state (written by Detectron2's DefaultTrainer 0.6?): "
                 "SGD momentum restarts from zero"
@@ -253,7 +255,7 @@ class ReliableTrainerMixin:
             raise
         if self._loss_guard.stop_agreed:  # agreed by every process during this step's loss check
             self._failed = True  # no final evaluation or model_final of an interrupted run
-            signum = self._stop_signal or signal.SIGTERM  # another process got the signal
+            signum = stop_signal() or signal.SIGTERM  # or another process got the signal
             saved = self._save_state(self.iter, "the state at the interruption")
             if comm.is_main_process():
                 self._faults.publish_saved(saved)
@@ -264,43 +266,19 @@ class ReliableTrainerMixin:
             logger.warning(message)
             raise TrainingInterrupted(signum, message)
 
-    def before_train(self):
-        self._install_stop_handlers()
-        super().before_train()
+    def train(self):
+        with StopSignals():
+            return super().train()
 
     def after_train(self):
-        try:
-            if not self._failed:
-                return super().after_train()
-            # After a failed or interrupted step: no evaluation (the other processes may be gone) and no
-            # checkpoint (Detectron2's would label the state of the previous iteration as this one).
-            self.storage.iter = self.iter
-            for hook in self._hooks:
-                if not isinstance(hook, (EvalHook, PeriodicCheckpointer)):
-                    hook.after_train()
-        finally:
-            self._restore_stop_handlers()
-
-    def _install_stop_handlers(self):
-        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step in every process, save it,
-        stop (see after_step). Only the main thread can install handlers."""
-        self._previous_handlers = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def request_stop(signum, frame):
-            if self._stop_signal is None:
-                logger.warning("%s received: stopping after this iteration, with a checkpoint",
-                               signal.Signals(signum).name)
-            self._stop_signal = signum
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[signum] = signal.signal(signum, request_stop)
-
-    def _restore_stop_handlers(self):
-        for signum, handler in getattr(self, "_previous_handlers", {}).items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+        if not self._failed:
+            return super().after_train()
+        # After a failed or interrupted step: no evaluation (the other processes may be gone) and no
+        # checkpoint (Detectron2's would label the state of the previous iteration as this one).
+        self.storage.iter = self.iter
+        for hook in self._hooks:
+            if not isinstance(hook, (EvalHook, PeriodicCheckpointer)):
+                hook.after_train()
 
     def _checkpoint_if_fails(self, evaluate):
         """An evaluation that fails during training first saves the state of the iteration that

@@ -1,0 +1,156 @@
+"""Helpers of the multi-process tests: the command of a tiny 2-process CPU run of train_net.py,
+a fault injector, and step functions run in each process by ``gfocalv2.engine.distributed.launch``.
+
+Run ``python tests/multiprocess_utils.py [train_net.py arguments]`` to train with a fault
+injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION`` (KIND ``nan`` or ``error``): that rank's
+forward pass at that iteration returns NaN losses or raises.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [p for p in (REPO, os.path.join(REPO, "tests")) if p not in sys.path]
+
+DIGITS_CONFIG = os.path.join(REPO, "projects", "DigitScenes", "configs", "gfocalv2_R_18_digits.yaml")
+
+
+def run_opts(data, out, max_iter=6, ims_per_batch=4, extra=()):
+    """train_net.py arguments: the DigitScenes model (head on P3-P5, naiveSyncBN) shrunk to 64 px."""
+    train, val = data["train"], data["val"]
+    return [
+        "--config-file", DIGITS_CONFIG,
+        "--register-coco", "mp_train", *train, "--register-coco", "mp_val", *val,
+        "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('mp_train',)", "DATASETS.TEST", "('mp_val',)",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.GFOCAL.NUM_CONVS", "1",
+        "MODEL.GFOCAL.SCORE_THRESH_TEST", "0.0", "MODEL.GFOCAL.DETECTIONS_PER_IMAGE", "20",
+        "SOLVER.IMS_PER_BATCH", str(ims_per_batch), "SOLVER.BASE_LR", "0.005", "SOLVER.WARMUP_ITERS", "2",
+        "SOLVER.STEPS", "(4,)", "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "3",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "SEED", "0", "OUTPUT_DIR", str(out), *extra,
+    ]
+
+
+def start(argv, script="train_net.py", env=None):
+    """Start ``python script argv`` (``python argv`` if ``script`` is None) in its own session, so
+    that a hang can be killed with its children."""
+    return subprocess.Popen(
+        [sys.executable, *([os.path.join(REPO, script)] if script else []), *argv],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def finish(proc, timeout):
+    """``(exit code, output)``; a run past ``timeout`` seconds is killed with its children and fails."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"did not finish within {timeout} s (hang?):\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def run(argv, timeout, script="train_net.py", env=None):
+    start_time = time.monotonic()
+    code, out = finish(start(argv, script, env), timeout)
+    return code, out, time.monotonic() - start_time
+
+
+# --------------------------------------------------------------------- fault injection (in each process)
+def _inject_fault(kind, rank, iteration):
+    from detectron2.utils import comm
+    from detectron2.utils.events import get_event_storage
+
+    from gfocalv2.modeling.meta_arch import GFocalV2
+
+    forward = GFocalV2.forward
+
+    def faulty(self, batched_inputs):
+        out = forward(self, batched_inputs)
+        if self.training and comm.get_rank() == rank and get_event_storage().iter == iteration:
+            if kind == "nan":
+                return {k: v * float("nan") for k, v in out.items()}
+            raise RuntimeError(f"injected failure on rank {rank} at iteration {iteration}")
+        return out
+
+    GFocalV2.forward = faulty
+
+
+def _record_batches(out_dir):
+    """Each process writes the image ids of each iteration's batch to batches_rank{r}.json."""
+    import json
+
+    from detectron2.engine import HookBase
+    from detectron2.utils import comm
+
+    from gfocalv2.engine import Trainer
+
+    class RecordBatches(HookBase):
+        def __init__(self):
+            self.ids = {}
+
+        def after_step(self):
+            self.ids[self.trainer.iter] = [s.split(" ")[1] for s in self.trainer._loss_guard.last_batch]
+
+        def after_train(self):
+            with open(os.path.join(out_dir, f"batches_rank{comm.get_rank()}.json"), "w") as f:
+                json.dump(self.ids, f)
+
+    build_hooks = Trainer.build_hooks
+    Trainer.build_hooks = lambda self: build_hooks(self) + [RecordBatches()]
+
+
+def train_main(args):
+    """train_net.main, with the fault of GFOCALV2_TEST_FAULT injected first, recording each
+    process's batches in GFOCALV2_TEST_RECORD (a folder) if set."""
+    fault = os.environ.get("GFOCALV2_TEST_FAULT")
+    if fault:
+        kind, rank, iteration = fault.split(":")
+        _inject_fault(kind, int(rank), int(iteration))
+    if os.environ.get("GFOCALV2_TEST_RECORD"):
+        _record_batches(os.environ["GFOCALV2_TEST_RECORD"])
+    import train_net
+
+    return train_net.main(args)
+
+
+# ------------------------------------------------------------ one step in each process (gradients, data)
+def one_step_worker(out_dir, images_per_process):
+    """One training step of the tiny model (GroupNorm, no BatchNorm) through the DDP wrapper on this
+    process's share of 4 fixed images; rank r saves its gradients and the image ids its loader gives."""
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils import comm
+
+    from gfocalv2.engine.distributed import create_ddp_model
+    from model_utils import gfocal_cfg, random_input
+
+    torch.manual_seed(0)
+    model = build_model(gfocal_cfg(tiny=True)).train()
+    g = torch.Generator().manual_seed(1)
+    batch = [random_input(g, 64, 64, 3, 3) for _ in range(4)]
+    rank = comm.get_rank()
+    mine = batch[rank * images_per_process:(rank + 1) * images_per_process]
+    ddp = create_ddp_model(model, broadcast_buffers=False)
+    losses = ddp(mine)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.save({"grads": grads, "losses": {k: v.detach() for k, v in losses.items()}},
+               os.path.join(out_dir, f"grads_rank{rank}.pth"))
+
+
+def launch_workers(worker, num_processes, *args):
+    from gfocalv2.engine.distributed import launch
+
+    launch(worker, num_processes, dist_url="auto", args=args, device="cpu")
+
+
+if __name__ == "__main__":
+    from gfocalv2.engine import workflow_argument_parser
+    from gfocalv2.engine.distributed import launch_from_args
+
+    launch_from_args(train_main, workflow_argument_parser().parse_args())

@@ -1,0 +1,169 @@
+"""Two processes on the gloo backend (CPU), as `train_net.py --num-gpus 2` runs them without CUDA.
+
+Every run is a subprocess with a timeout (its process group is killed past it), so a hang fails
+instead of blocking. The model is the DigitScenes one (head on P3-P5, naiveSyncBN) at 64 px.
+"""
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from helpers_workflow import make_tiny_dataset
+from multiprocess_utils import finish, one_step_worker, run, run_opts, start
+
+TIMEOUT = 150  # seconds for one run; a healthy one takes 10-20 s on 2 cores
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    files = make_tiny_dataset(tmp_path_factory.mktemp("mp_data"))
+    return {split: list(files[split]) for split in ("train", "val")}
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 2-process run of 6 iterations, recording each process's batches."""
+    out = tmp_path_factory.mktemp("mp_reference")
+    code, log, _ = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, script="tests/multiprocess_utils.py",
+                       env={"GFOCALV2_TEST_RECORD": str(out)})
+    assert code == 0, log[-4000:]
+    return out, log
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _same_weights(a, b):
+    a, b = _state(a)["model"], _state(b)["model"]
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _predictions(out):
+    with open(os.path.join(out, "inference", "coco_instances_results.json")) as f:
+        return sorted(json.load(f), key=lambda p: (p["image_id"], -p["score"], p["category_id"], p["bbox"]))
+
+
+def test_two_processes_train_with_checkpoints_from_rank_0_only(reference):
+    out, log = reference
+    assert "Starting 2 CPU processes on the gloo backend" in log
+    main_log = open(out / "log.txt").read()
+    other_log = open(out / "log.txt.rank1").read()
+    assert "Saving checkpoint to" in main_log and "Saving checkpoint" not in other_log
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == [
+        "model_0000002.pth", "model_0000005.pth", "model_final.pth"]
+    assert _state(out / "model_0000002.pth")["iteration"] == 2
+    assert "copypaste: AP,AP50" in log  # evaluation gathered on rank 0
+    assert "TypedStorage" not in log and "Warning" not in log  # a quiet console
+
+
+def test_processes_see_disjoint_halves_of_the_one_process_batches(reference, data, tmp_path):
+    out, _ = reference
+    ranks = [json.load(open(out / f"batches_rank{r}.json")) for r in (0, 1)]
+    code, log, _ = run(["--num-gpus", "1", *run_opts(data, tmp_path, max_iter=3)], TIMEOUT,
+                       script="tests/multiprocess_utils.py", env={"GFOCALV2_TEST_RECORD": str(tmp_path)})
+    assert code == 0, log[-4000:]
+    single = json.load(open(tmp_path / "batches_rank0.json"))
+    for it in ("0", "1", "2"):
+        assert len(ranks[0][it]) == len(ranks[1][it]) == 2  # IMS_PER_BATCH 4 split over 2 processes
+        assert not set(ranks[0][it]) & set(ranks[1][it])
+        assert sorted(ranks[0][it] + ranks[1][it]) == sorted(single[it])
+
+
+def test_one_step_on_two_processes_equals_one_process_on_all_images(tmp_path):
+    """Frozen statistics (GroupNorm): gradients of 2 x 2 images (DDP averages them; num_pos and the
+    box-loss weight sum are all-reduced) equal those of 1 x 4 images."""
+    code, log, _ = run(["-c", "import sys; sys.path.insert(0, 'tests'); import multiprocess_utils as m; "
+                        f"m.launch_workers(m.one_step_worker, 2, {str(tmp_path)!r}, 2)"], TIMEOUT, script=None)
+    assert code == 0, log[-4000:]
+    two = _state(tmp_path / "grads_rank0.pth")["grads"]
+    other = _state(tmp_path / "grads_rank1.pth")["grads"]
+    assert all(torch.equal(two[k], other[k]) for k in two)  # DDP gave both processes the same gradients
+    single = tmp_path / "single"
+    single.mkdir()
+    one_step_worker(str(single), 4)  # this process alone, all 4 images
+    one = _state(single / "grads_rank0.pth")["grads"]
+    assert set(one) == set(two) and len(one) > 10
+    for name in one:
+        scale = one[name].abs().max().clamp_min(1e-12)
+        assert ((two[name] - one[name]).abs().max() / scale).item() < 1e-5, name
+
+
+def test_eval_only_gives_the_same_detections_with_one_and_two_processes(reference, data, tmp_path):
+    out, _ = reference
+    weights = ["MODEL.WEIGHTS", str(out / "model_final.pth")]
+    code, log, _ = run(["--eval-only", "--num-gpus", "1", *run_opts(data, tmp_path / "one"), *weights], TIMEOUT)
+    assert code == 0, log[-4000:]
+    code, log, _ = run(["--eval-only", "--num-gpus", "2", *run_opts(data, tmp_path / "two"), *weights], TIMEOUT)
+    assert code == 0, log[-4000:]
+    one, two = _predictions(tmp_path / "one"), _predictions(tmp_path / "two")
+    assert len(one) > 0 and one == two
+    assert one == _predictions(out)  # the evaluation at the end of the 2-process training
+
+
+def _wait_for(path, text, proc, timeout=TIMEOUT):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(path) and text in open(path).read():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"ended before {text!r} appeared in {path}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} did not appear in {path} within {timeout} s")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(reference, data, tmp_path):
+    """Preemption: SIGTERM to the launching process -> every process finishes its step, rank 0 saves
+    it, all exit with 143 and no traceback; --resume then ends with the uninterrupted run's weights."""
+    ref, _ = reference
+    out = tmp_path / "run"
+    proc = start(["--num-gpus", "2", *run_opts(data, out)])
+    _wait_for(out / "log.txt", "Starting training from iteration 0", proc)
+    proc.send_signal(signal.SIGTERM)
+    code, log = finish(proc, TIMEOUT)
+    assert code == 128 + signal.SIGTERM, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    assert "Training stopped after iteration" in log and "Continue with --resume" in log
+    last = open(out / "last_checkpoint").read().strip()
+    stopped_at = int(last[len("model_"):-len(".pth")])
+    assert stopped_at < 5 and _state(out / last)["iteration"] == stopped_at
+    assert not (out / "model_final.pth").exists() and "copypaste" not in log  # no evaluation
+
+    code, log, _ = run(["--num-gpus", "2", "--resume", *run_opts(data, out)], TIMEOUT)
+    assert code == 0, log[-4000:]
+    assert f"Starting training from iteration {stopped_at + 1}" in log
+    assert _same_weights(out / "model_final.pth", ref / "model_final.pth")
+
+
+def test_non_finite_loss_on_one_process_stops_both_after_rank_0_saved(reference, data, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "run"
+    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, script="tests/multiprocess_utils.py",
+                             env={"GFOCALV2_TEST_FAULT": "nan:1:3"})
+    assert code != 0
+    assert "Non-finite loss at iteration 3" in log
+    assert "The state after iteration 2 is" in log and "model_0000002.pth" in log  # every process says where
+    assert open(out / "last_checkpoint").read().strip() == "model_0000002.pth"
+    assert _state(out / "model_0000002.pth")["iteration"] == 2
+    assert _same_weights(out / "model_0000002.pth", ref / "model_0000002.pth")
+    assert not (out / "model_final.pth").exists() and "copypaste" not in log
+    assert seconds < 60  # not the 30-minute collective timeout
+
+
+def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
+    """An exception in rank 1 alone at the last iteration: rank 0, blocked in a collective, stops at
+    once, saves the state after the previous iteration under its own number, and no evaluation starts."""
+    out = tmp_path / "run"
+    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, script="tests/multiprocess_utils.py",
+                             env={"GFOCALV2_TEST_FAULT": "error:1:5"})
+    assert code != 0
+    assert "injected failure on rank 1 at iteration 5" in log
+    assert "Stopped at iteration 5 because process 1 failed" in log  # rank 0's error names rank 1's
+    assert open(out / "last_checkpoint").read().strip() == "model_0000004.pth"
+    assert _state(out / "model_0000004.pth")["iteration"] == 4
+    assert not (out / "model_final.pth").exists()
+    assert "Start inference" not in log and "copypaste" not in log
+    assert seconds < 60

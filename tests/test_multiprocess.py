@@ -167,3 +167,12 @@ def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
     assert not (out / "model_final.pth").exists()
     assert "Start inference" not in log and "copypaste" not in log
     assert seconds < 60
+
+
+def test_digit_scenes_script_on_two_processes(data, tmp_path):
+    """projects/DigitScenes/train_digits.py --num-gpus 2: the same launcher; the summary comes from rank 0 once."""
+    argv = ["--num-gpus", "2", "--num-vis", "0", *run_opts(data, tmp_path / "out", max_iter=2)[2:]]
+    code, log, _ = run(argv, TIMEOUT, script="projects/DigitScenes/train_digits.py")
+    assert code == 0, log[-4000:]
+    assert log.count("DigitScenes training done") == 1 and "COCO bbox AP" in log
+    assert (tmp_path / "out" / "model_final.pth").is_file()

@@ -327,7 +327,8 @@ def launch_from_args(main_func, args, *, prepare=None):
         cfg = build_cfg(args.config_file, args.opts, getattr(args, "register_coco", None) or ())
         check_launch(cfg, args.num_gpus, args.num_machines)
     except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if prepare is not None:
         prepare(cfg)
     return launch(

@@ -19,7 +19,7 @@ from detectron2.utils.events import EventStorage
 from gfocalv2.engine import build_cfg
 from gfocalv2.modeling.backbone import LastLevelP6P7FromP5, build_gfocal_resnet_backbone
 from gfocalv2.modeling.backbone.fpn import head_in_features
-from gfocalv2.modeling.meta_arch import unread_fpn_modules
+from gfocalv2.modeling.backbone.fpn import unread_fpn_modules
 
 CONFIGS = DIGITS_PROJECT / "configs"
 P3_P6 = ("MODEL.GFOCAL.IN_FEATURES", ["p3", "p4", "p5", "p6"], "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256]])

@@ -18,6 +18,7 @@ from torch import nn
 import fvcore.nn.weight_init as weight_init
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
 from .resnet import build_gfocal_resnet_backbone
 
@@ -27,6 +28,8 @@ __all__ = [
     "build_gfocal_fpn",
     "build_gfocal_resnet_fpn_backbone",
     "head_in_features",
+    "unread_fpn_modules",
+    "unread_level_parameters",
 ]
 
 #: Where each meta-architecture that can use these backbones reads its head's input levels.
@@ -138,3 +141,61 @@ def build_gfocal_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """ResNet (plain, ResNeXt or deformable, per ``MODEL.RESNETS.*``) + FPN + P6/P7 from P5
     (the levels the head reads; see :func:`build_gfocal_fpn`)."""
     return build_gfocal_fpn(cfg, build_gfocal_resnet_backbone(cfg, input_shape))
+
+
+#: Top blocks whose levels are chained (P7 is computed from P6 only, and so on): a level after
+#: the last one read is then computed by its own module alone.
+_CHAINED_TOP_BLOCKS = (LastLevelP6P7FromP5, LastLevelP6P7)
+
+
+def unread_fpn_modules(backbone: nn.Module, head_in_features: List[str]) -> Optional[List[str]]:
+    """Names (within ``backbone``) of the submodules of a Detectron2 ``FPN`` that only compute
+    levels the head does not read, or None when the backbone's structure is not known.
+
+    A structural check, no forward pass: it relies on ``FPN.forward`` (the output conv of
+    ``p<k>`` feeds only ``p<k>`` and the top block reading it; the lateral conv of ``p<k>``
+    feeds ``p<k>`` and every finer level; the top block feeds only its own levels), so it
+    answers only for ``FPN`` instances that keep that ``forward``. Other backbones (a user's
+    own class) cannot be checked without running them, and get None.
+    """
+    if not isinstance(backbone, FPN) or type(backbone).forward is not FPN.forward:
+        return None
+    read = set(head_in_features)
+    outputs = list(backbone._out_features)
+    fpn_outputs, top_outputs = outputs[: len(backbone.in_features)], outputs[len(backbone.in_features):]
+    unread = []
+    top = backbone.top_block
+    top_read = top is not None and any(f in read for f in top_outputs)
+    if top is not None and not top_read:
+        unread.append("top_block")
+    elif top is not None and isinstance(top, _CHAINED_TOP_BLOCKS):
+        last_read = max(i for i, f in enumerate(top_outputs) if f in read)
+        unread += [f"top_block.{f}" for f in top_outputs[last_read + 1:] if isinstance(getattr(top, f, None), nn.Module)]
+    top_input = top.in_feature if top_read else None
+    output_used = [f in read or f == top_input for f in fpn_outputs]
+    for i, f in enumerate(fpn_outputs):
+        stage = f[1:]  # "p3" -> "3", as FPN names its convs
+        if not output_used[i]:
+            unread.append(f"fpn_output{stage}")
+        if not any(output_used[: i + 1]):
+            unread.append(f"fpn_lateral{stage}")
+    return unread
+
+
+def unread_level_parameters(model: nn.Module, backbone_name: str, backbone: nn.Module, head_in_features: List[str]):
+    """(unread levels, names of trainable parameters in ``model`` that only they use) for an
+    FPN backbone (see :func:`unread_fpn_modules`); ([], []) when nothing is unused or the
+    backbone's structure is unknown. A parameter shared with a used module does not count."""
+    modules = unread_fpn_modules(backbone, head_in_features)
+    if not modules:
+        return [], []
+    prefixes = tuple(f"{backbone_name}.{m}" for m in modules)
+
+    def unread(name):
+        return any(name.startswith(p + ".") for p in prefixes)
+
+    params = list(model.named_parameters(remove_duplicate=False))
+    used = {id(p) for n, p in params if not unread(n)}
+    names = [n for n, p in params if p.requires_grad and unread(n) and id(p) not in used]
+    levels = [f for f in backbone.output_shape() if f not in set(head_in_features)]
+    return levels, names

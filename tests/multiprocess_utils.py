@@ -2,8 +2,9 @@
 a fault injector, and step functions run in each process by ``gfocalv2.engine.distributed.launch``.
 
 Run ``python tests/multiprocess_utils.py [train_net.py arguments]`` to train with a fault
-injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION`` (KIND ``nan`` or ``error``): that rank's
-forward pass at that iteration returns NaN losses or raises.
+injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION``: that rank's training forward pass at that
+iteration returns NaN losses (KIND ``nan``) or raises (``error``), or its evaluation after that
+iteration raises (``eval``).
 """
 import os
 import signal
@@ -70,8 +71,10 @@ def _inject_fault(kind, rank, iteration):
     forward = GFocalV2.forward
 
     def faulty(self, batched_inputs):
+        if kind == "eval" and not self.training and comm.get_rank() == rank and get_event_storage().iter == iteration:
+            raise RuntimeError(f"injected evaluation failure on rank {rank} after iteration {iteration}")
         out = forward(self, batched_inputs)
-        if self.training and comm.get_rank() == rank and get_event_storage().iter == iteration:
+        if kind != "eval" and self.training and comm.get_rank() == rank and get_event_storage().iter == iteration:
             if kind == "nan":
                 return {k: v * float("nan") for k, v in out.items()}
             raise RuntimeError(f"injected failure on rank {rank} at iteration {iteration}")

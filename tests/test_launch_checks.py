@@ -42,6 +42,7 @@ def test_trained_batch_norm_needs_synchronized_statistics(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(LaunchError, match=r"MODEL.RESNETS.NORM SyncBN"):
         check_launch(cfg, 2)
+    check_launch(cfg, 2, training=False)  # evaluation does not update the statistics
     for norm in ("naiveSyncBN", "FrozenBN", "BNEval", "GN"):
         check_launch(gfocal_cfg("MODEL.RESNETS.NORM", norm, "SOLVER.IMS_PER_BATCH", 4), 2)
 

@@ -88,7 +88,15 @@ def setup_cfg(args, freeze=True):
     cfg = build_cfg(
         args.config_file, args.opts, getattr(args, "register_coco", None) or (), freeze=freeze
     )
-    default_setup(cfg, args)
+    # default_setup's environment report imports torch.utils.cpp_extension, whose probe for a CUDA
+    # toolkit (used to build C++ extensions, which training does not do) warns on machines without one.
+    probe = logging.getLogger("torch.utils.cpp_extension")
+    level = probe.level
+    probe.setLevel(logging.ERROR)
+    try:
+        default_setup(cfg, args)
+    finally:
+        probe.setLevel(level)
     # This package's messages, like Detectron2's: on the console of rank 0 only, and in
     # OUTPUT_DIR/log.txt (log.txt.rankN for the other processes).
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gfocalv2", abbrev_name="gfocal")

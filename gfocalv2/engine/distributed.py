@@ -58,8 +58,9 @@ def _uses_cuda(device):
     return str(device).startswith("cuda")
 
 
-def check_launch(cfg, num_gpus_per_machine, num_machines=1):
-    """Raise :class:`LaunchError` if ``cfg`` cannot run on ``num_gpus_per_machine x num_machines`` processes."""
+def check_launch(cfg, num_gpus_per_machine, num_machines=1, training=True):
+    """Raise :class:`LaunchError` if ``cfg`` cannot run on ``num_gpus_per_machine x num_machines`` processes
+    (``training=False``: evaluation only, where BatchNorm statistics are not updated)."""
     if num_gpus_per_machine < 1:
         raise LaunchError(
             f"--num-gpus {num_gpus_per_machine}: give the number of processes per machine, at least 1 "
@@ -75,7 +76,7 @@ def check_launch(cfg, num_gpus_per_machine, num_machines=1):
                 f"--num-gpus {num_gpus_per_machine}, but this machine has {available} CUDA device(s): give at most "
                 f"--num-gpus {available} (one process per GPU), or MODEL.DEVICE cpu to run CPU processes."
             )
-    if world_size > 1:
+    if world_size > 1 and training:
         trained_bn = [key for key, value in _norm_keys(cfg.MODEL, "MODEL") if value == "BN"]
         if trained_bn:
             raise LaunchError(_batch_norm_message(trained_bn, world_size, cfg.MODEL.DEVICE))
@@ -325,7 +326,7 @@ def launch_from_args(main_func, args, *, prepare=None):
 
     try:
         cfg = build_cfg(args.config_file, args.opts, getattr(args, "register_coco", None) or ())
-        check_launch(cfg, args.num_gpus, args.num_machines)
+        check_launch(cfg, args.num_gpus, args.num_machines, training=not args.eval_only)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

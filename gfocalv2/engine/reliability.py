@@ -214,31 +214,39 @@ class ReliableTrainerMixin:
             # weights and optimizer are still those after the previous iteration.
             if not self._update_started:
                 self._loss_guard.restore_buffers()  # BatchNorm statistics of the failed forward
-                # A non-finite loss or gradient is seen by every process at the same point (all-reduced);
-                # anything else happened in this process alone, or is the echo of another's failure.
-                alone = not isinstance(e, NonFiniteLossError)
-                other = self._faults.posted_by_others() if alone else None
-                if alone and other is None:
-                    self._faults.post(f"{type(e).__name__}: {e}")
-                    if not comm.is_main_process():
-                        self._faults.leave_collectives()  # unblock the others now, not at the timeout
-                saved = self._save_last_good_state()
-                if comm.is_main_process():
-                    self._faults.publish_saved(saved)
-                elif self._faults.enabled:
-                    saved = self._faults.wait_saved()  # never exit while rank 0 is saving
+                saved = self._stop_together(e, self._save_last_good_state)
                 if isinstance(e, NonFiniteLossError):
                     e.args = (
                         f"{e} {saved} To continue: lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable "
                         "SOLVER.CLIP_GRADIENTS (and check these images' annotations), then run again with --resume.",
                     )
-                elif other is not None:
-                    raise ProcessFailedError(
-                        f"Stopped at iteration {self.iter} because process {other[0]} failed: {other[1]} {saved}"
-                    ) from e
-                elif self._faults.enabled:
-                    logger.error("Iteration %d failed in this process (rank %d). %s", self.iter, comm.get_rank(), saved)
             raise
+
+    def _stop_together(self, error, save):
+        """After ``error`` in this process: make every process stop, ``save()`` on rank 0 (it returns a
+        sentence saying where), and return that sentence in every process once rank 0 has saved.
+        Raises :class:`ProcessFailedError` (naming the process that failed first) when ``error`` is
+        the echo of another process's failure. See :class:`~gfocalv2.engine.distributed.ProcessFaults`."""
+        # A non-finite loss or gradient is seen by every process at the same point (all-reduced);
+        # anything else happened in this process alone, or is the echo of another's failure.
+        alone = not isinstance(error, NonFiniteLossError)
+        other = self._faults.posted_by_others() if alone else None
+        if alone and other is None:
+            self._faults.post(f"{type(error).__name__}: {error}")
+            if not comm.is_main_process():
+                self._faults.leave_collectives()  # unblock the others now, not at the timeout
+        saved = save()
+        if comm.is_main_process():
+            self._faults.publish_saved(saved)
+        elif self._faults.enabled:
+            saved = self._faults.wait_saved()  # never exit while rank 0 is saving
+        if other is not None:
+            raise ProcessFailedError(
+                f"Stopped at iteration {self.iter} because process {other[0]} failed: {other[1]} {saved}"
+            ) from error
+        if alone and self._faults.enabled:
+            logger.error("Iteration %d failed in this process (rank %d). %s", self.iter, comm.get_rank(), saved)
+        return saved
 
     def before_step(self):
         try:
@@ -287,10 +295,10 @@ class ReliableTrainerMixin:
         def guarded():
             try:
                 return evaluate()
-            except BaseException:
+            except BaseException as e:
                 self._failed = True
                 if self.iter < self.max_iter:  # during training (after_train has iter == max_iter)
-                    self._save_state(self.iter, "before the failed evaluation")
+                    self._stop_together(e, lambda: self._save_state(self.iter, "before the failed evaluation"))
                 raise
 
         return guarded

@@ -184,7 +184,7 @@ def main(args):
         "",
         "=" * 78,
         f"DigitScenes {'evaluation' if args.eval_only else 'training'} done in {minutes:.1f} min: {arch}, "
-        f"R-{cfg.MODEL.RESNETS.DEPTH}-FPN, {cfg.DATASETS.TEST[0]}",
+        f"R-{cfg.MODEL.RESNETS.DEPTH}-FPN, {cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else 'no test set'}",
     ]
     if bbox:
         lines.append(
@@ -192,8 +192,9 @@ def main(args):
         )
     if not args.eval_only:
         lines.append(f"  checkpoint        {os.path.abspath(weights)}")
+    if cfg.DATASETS.TEST:
+        lines.append(f"  predictions       {os.path.join(output_dir, 'inference', 'coco_instances_results.json')}")
     lines += [
-        f"  predictions       {os.path.join(output_dir, 'inference', 'coco_instances_results.json')}",
         f"  metrics / log     {os.path.join(output_dir, 'metrics.json')}, {os.path.join(output_dir, 'log.txt')}",
         f"  TensorBoard       tensorboard --logdir {output_dir}",
     ]
@@ -202,7 +203,8 @@ def main(args):
     config_used = os.path.join(output_dir, "config.yaml")
     from detectron2.data import MetadataCatalog
 
-    val_images = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("image_root", "datasets/digit_scenes/val")
+    test_set = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "digit_scenes_val"
+    val_images = MetadataCatalog.get(test_set).get("image_root", "datasets/digit_scenes/val")
     lines += [
         f"  full config       {config_used}",
         "Run the demo tool on any image with it:",

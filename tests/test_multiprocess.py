@@ -167,6 +167,7 @@ def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
     assert seconds < 60
 
 
+@pytest.mark.slow  # the same launcher as train_net.py (tested above); kept out of make test for time
 def test_digit_scenes_script_on_two_processes(data, tmp_path):
     """projects/DigitScenes/train_digits.py --num-gpus 2: the same launcher; the summary comes from rank 0 once."""
     argv = ["--num-gpus", "2", "--num-vis", "0", *run_opts(data, tmp_path / "out", max_iter=2)[2:]]
@@ -176,6 +177,7 @@ def test_digit_scenes_script_on_two_processes(data, tmp_path):
     assert (tmp_path / "out" / "model_final.pth").is_file()
 
 
+@pytest.mark.slow  # the same mechanism as a failing step (tested above); kept out of make test for time
 def test_evaluation_failing_in_one_process_during_training(data, tmp_path):
     """The periodic evaluation raises in rank 1 only: rank 0 (waiting to gather the results) stops at
     once too, after the finished iteration's state is saved."""

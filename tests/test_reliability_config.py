@@ -252,5 +252,5 @@ def test_weights_path_with_a_query_is_not_reported_missing(tmp_path):
             checkpointer.load(f"{path}?matching_heuristics=True")
         return
     checkpointer.load(f"{path}?matching_heuristics=True")
-    with pytest.raises(FileNotFoundError, match="nowhere.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.pth\?matching_heuristics=True does not exist"):
         checkpointer.load(f"{tmp_path / 'nowhere.pth'}?matching_heuristics=True")

@@ -390,3 +390,31 @@ def test_data_seed_of_a_random_seed_run_restores_the_augmentation_seed(dataset, 
     hook.load_state_dict({"data_seed": saved + 7})
     assert hook.sampler.seed == saved + 7
     assert trainer._trainer.data_loader.dataset.seed == saved + 7
+
+
+def test_sigterm_in_one_process_saves_the_step_and_resume_is_bit_identical(dataset, tmp_path):
+    import signal
+
+    from gfocalv2.engine.reliability import TrainingInterrupted
+
+    class SignalAt(HookBase):
+        def before_step(self):
+            if self.trainer.iter == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during iteration 1
+
+    full = make_trainer(_cfg(tmp_path / "full", dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
+    full.train()
+    out = tmp_path / "run"
+    trainer = make_trainer(_cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
+    trainer.register_hooks([SignalAt()])
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as e:
+        trainer.train()
+    assert e.value.code == 128 + signal.SIGTERM and "after iteration 1 on SIGTERM" in str(e.value)
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert _weights(out / "model_0000001.pth")["iteration"] == 1 and not (out / "model_final.pth").exists()
+    resumed = make_trainer(_cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    assert _same_weights(_weights(out / "model_final.pth")["model"], _weights(tmp_path / "full" / "model_final.pth")["model"])

@@ -30,7 +30,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import GFocalCheckpointer, checkpointer_for
-from .distributed import ProcessFailedError, ProcessFaults, StopSignals, stop_signal
+from .faults import ProcessFailedError, ProcessFaults, StopSignals, stop_signal
 from .hooks import DataSeedHook, LossGuard, NonFiniteLossError, all_finite_tensors, guard_optimizer_step
 
 __all__ = ["ReliableTrainerMixin", "NothingPredictedEvaluator", "TrainingInterrupted"]
@@ -226,7 +226,7 @@ class ReliableTrainerMixin:
         """After ``error`` in this process: make every process stop, ``save()`` on rank 0 (it returns a
         sentence saying where), and return that sentence in every process once rank 0 has saved.
         Raises :class:`ProcessFailedError` (naming the process that failed first) when ``error`` is
-        the echo of another process's failure. See :class:`~gfocalv2.engine.distributed.ProcessFaults`."""
+        the echo of another process's failure. See :class:`~gfocalv2.engine.faults.ProcessFaults`."""
         # A non-finite loss or gradient is seen by every process at the same point (all-reduced);
         # anything else happened in this process alone, or is the echo of another's failure.
         alone = not isinstance(error, NonFiniteLossError)

@@ -235,11 +235,7 @@ class ReliableTrainerMixin:
             self._faults.post(f"{type(error).__name__}: {error}")
             if not comm.is_main_process():
                 self._faults.leave_collectives()  # unblock the others now, not at the timeout
-        saved = save()
-        if comm.is_main_process():
-            self._faults.publish_saved(saved)
-        elif self._faults.enabled:
-            saved = self._faults.wait_saved()  # never exit while rank 0 is saving
+        saved = self._share_save(save())
         if other is not None:
             raise ProcessFailedError(
                 f"Stopped at iteration {self.iter} because process {other[0]} failed: {other[1]} {saved}"
@@ -247,6 +243,14 @@ class ReliableTrainerMixin:
         if alone and self._faults.enabled:
             logger.error("Iteration %d failed in this process (rank %d). %s", self.iter, comm.get_rank(), saved)
         return saved
+
+    def _share_save(self, saved):
+        """Rank 0 tells the other processes what it saved (the sentence ``saved``); each of them waits
+        for that and returns it: no process exits while rank 0 is still saving."""
+        if comm.is_main_process():
+            self._faults.publish_saved(saved)
+            return saved
+        return self._faults.wait_saved() if self._faults.enabled else saved
 
     def before_step(self):
         try:
@@ -264,11 +268,7 @@ class ReliableTrainerMixin:
         if self._loss_guard.stop_agreed:  # agreed by every process during this step's loss check
             self._failed = True  # no final evaluation or model_final of an interrupted run
             signum = stop_signal() or signal.SIGTERM  # or another process got the signal
-            saved = self._save_state(self.iter, "the state at the interruption")
-            if comm.is_main_process():
-                self._faults.publish_saved(saved)
-            elif self._faults.enabled:
-                saved = self._faults.wait_saved()  # never exit while rank 0 is saving
+            saved = self._share_save(self._save_state(self.iter, "the state at the interruption"))
             message = (f"Training stopped after iteration {self.iter} on {signal.Signals(signum).name}. {saved} "
                        "Continue with --resume.")
             logger.warning(message)

@@ -14,7 +14,8 @@ def add_gfocalv2_config(cfg):
     ``DATASETS.CHECK_IMAGES``; see ``gfocalv2/engine/config_checks.py``) and
     ``DATASETS.REGISTER_COCO`` (COCO-format datasets registered from the config), and
     ``TEST.FOLD_BATCHNORM`` / ``TEST.MEMORY_FORMAT`` (exact inference speed-ups; see
-    ``gfocalv2/modeling/inference_optimization.py``).
+    ``gfocalv2/modeling/inference_optimization.py``), and ``INPUT.RESIZE_BACKEND`` (how images
+    are resized at train and test time; see ``gfocalv2/data/transforms.py``).
     Calling it twice is harmless.
     """
     from .engine.config_checks import add_reliability_config
@@ -26,6 +27,11 @@ def add_gfocalv2_config(cfg):
     add_inference_optimization_config(cfg)
     add_reliability_config(cfg)
     add_workflow_config(cfg)
+    if "RESIZE_BACKEND" not in cfg.INPUT:
+        # Pixel interpolation of the keep-ratio resize (ResizeShortestEdge's sizes either way):
+        # "pil-bilinear" is Detectron2's (PIL, antialiased when shrinking), "cv2-bilinear" the
+        # reference's (OpenCV INTER_LINEAR, mmcv.imresize), which configs/Base-GFocalV2.yaml sets.
+        cfg.INPUT.RESIZE_BACKEND = "pil-bilinear"
     if "GFOCAL" in cfg.MODEL:
         return cfg
     cfg.MODEL.GFOCAL = g = CN()

@@ -92,7 +92,8 @@ def _backbone_keys(model):
 
 def test_state_dict_keys_of_each_pyramid():
     cfg = gfocal_cfg(tiny=True)
-    # The full P3-P7 backbone as it was always built: same names, shapes and initial values.
+    # The full P3-P7 backbone as it was always built: same names, shapes and initial values
+    # (from the same seed).
     torch.manual_seed(0)
     reference = FPN(
         bottom_up=build_gfocal_resnet_backbone(cfg, ShapeSpec(channels=3)),
@@ -102,6 +103,12 @@ def test_state_dict_keys_of_each_pyramid():
         top_block=LastLevelP6P7FromP5(cfg.MODEL.FPN.OUT_CHANNELS, in_feature="p5"),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+    # then the reference's FPN init (xavier uniform, zero bias) replaces FPN's c2_xavier_fill,
+    # finest level first, lateral before output (the P6/P7 block inits itself so)
+    for k in (3, 4, 5):
+        for conv in (getattr(reference, f"fpn_lateral{k}"), getattr(reference, f"fpn_output{k}")):
+            torch.nn.init.xavier_uniform_(conv.weight)
+            torch.nn.init.zeros_(conv.bias)
     torch.manual_seed(0)
     full = build_model(cfg)
     ref_state = reference.state_dict()

@@ -1,11 +1,17 @@
 """A DatasetMapper whose failures name the image, a resize that never produces an empty
-image, and input normalization for extreme inputs (gray, RGBA, 1x1, extreme aspect ratio)."""
+image and resizes with the config's ``INPUT.RESIZE_BACKEND`` (OpenCV bilinear as the
+reference, or Detectron2's PIL bilinear; see :mod:`.transforms`), and input normalization for
+extreme inputs (gray, RGBA, 1x1, extreme aspect ratio)."""
 import logging
+import sys
 
 import numpy as np
+from PIL import Image
 
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
+
+from .transforms import DEFAULT_RESIZE_BACKEND, check_resize_backend, resize_backend, resize_transform
 
 __all__ = ["ImageLoadError", "RobustDatasetMapper", "SafeResizeShortestEdge", "safe_augmentations", "to_three_channels"]
 
@@ -20,12 +26,25 @@ class ImageLoadError(RuntimeError):
 
 
 class SafeResizeShortestEdge(T.ResizeShortestEdge):
-    """Detectron2's ResizeShortestEdge, except that no side becomes 0 pixels.
+    """Detectron2's ResizeShortestEdge, except that no side becomes 0 pixels, and that the
+    pixels are resized with ``backend`` (:data:`~gfocalv2.data.transforms.RESIZE_BACKENDS`).
 
     With an extreme aspect ratio (e.g. 1 x 5000), capping the long side at ``max_size``
     rounds the short side to 0 and the resize fails deep in PIL/OpenCV; here it is at
-    least 1 pixel.
+    least 1 pixel. The output size is otherwise Detectron2's (``get_output_shape``), whatever
+    the backend: "pil-bilinear" gives Detectron2's ``ResizeTransform``, "cv2-bilinear" a
+    :class:`~gfocalv2.data.transforms.CV2ResizeTransform` (the reference's ``mmcv.imresize``).
     """
+
+    #: for instances made by :func:`safe_augmentations` from a ResizeShortestEdge's attributes
+    backend = DEFAULT_RESIZE_BACKEND
+
+    def __init__(
+        self, short_edge_length, max_size=sys.maxsize, sample_style="range", interp=Image.BILINEAR,
+        backend=DEFAULT_RESIZE_BACKEND,
+    ):
+        super().__init__(short_edge_length, max_size, sample_style, interp)
+        self.backend = check_resize_backend(backend)
 
     def get_transform(self, image):
         h, w = image.shape[:2]
@@ -36,16 +55,19 @@ class SafeResizeShortestEdge(T.ResizeShortestEdge):
         if size == 0:
             return T.NoOpTransform()
         newh, neww = self.get_output_shape(h, w, size, self.max_size)
-        return T.ResizeTransform(h, w, max(1, newh), max(1, neww), self.interp)
+        return resize_transform(h, w, max(1, newh), max(1, neww), self.backend, self.interp)
 
 
-def safe_augmentations(augmentations):
-    """The list with each ResizeShortestEdge replaced by a :class:`SafeResizeShortestEdge`."""
+def safe_augmentations(augmentations, backend=DEFAULT_RESIZE_BACKEND):
+    """The list with each ResizeShortestEdge replaced by a :class:`SafeResizeShortestEdge`
+    resizing with ``backend``."""
+    check_resize_backend(backend)
     out = []
     for aug in augmentations:
         if type(aug) is T.ResizeShortestEdge:
             safe = SafeResizeShortestEdge.__new__(SafeResizeShortestEdge)
             safe.__dict__.update(aug.__dict__)
+            safe.backend = backend
             aug = safe
         out.append(aug)
     return out
@@ -76,7 +98,8 @@ def to_three_channels(image, input_name="image"):
 class RobustDatasetMapper(DatasetMapper):
     """Detectron2's DatasetMapper (boxes), with
 
-    * :class:`SafeResizeShortestEdge` instead of ResizeShortestEdge;
+    * :class:`SafeResizeShortestEdge` instead of ResizeShortestEdge, resizing with
+      ``INPUT.RESIZE_BACKEND`` (training and test);
     * every failure (missing/unreadable/truncated image, size differing from the json,
       bad annotation) re-raised as :class:`ImageLoadError` naming the file and the cause;
       the training loader (:mod:`gfocalv2.data.loader`) skips such images with a warning.
@@ -85,7 +108,7 @@ class RobustDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        ret["augmentations"] = safe_augmentations(ret["augmentations"])
+        ret["augmentations"] = safe_augmentations(ret["augmentations"], resize_backend(cfg))
         return ret
 
     def __call__(self, dataset_dict):

@@ -7,7 +7,9 @@ without the file, and a wrong type as ``Type mismatch (...)``. :func:`merge_conf
 and :func:`merge_config_list` do the same merges and re-raise these as
 :class:`UnknownConfigKeyError` (a ``KeyError``) / :class:`ConfigValueError` (a
 ``ValueError``) whose message names the key, where it came from, what was expected,
-and suggests close matches.
+and suggests close matches. They also check the keys of this project that take one of a
+few values (:func:`check_config_values`: ``INPUT.RESIZE_BACKEND``), so that a bad value
+fails when the config is built, naming where it came from and the allowed values.
 """
 import difflib
 import logging
@@ -23,6 +25,7 @@ __all__ = [
     "merge_config_file",
     "merge_config_list",
     "all_config_keys",
+    "check_config_values",
     "ConfigError",
     "UnknownConfigKeyError",
     "ConfigValueError",
@@ -169,6 +172,21 @@ def _missing_file_error(path, what):
     return FileNotFoundError(f"{what} {path} does not exist.{hint}")
 
 
+def check_config_values(cfg, source="config"):
+    """Check the keys of this project whose value is one of a few choices (``INPUT.RESIZE_BACKEND``:
+    see ``gfocalv2/data/transforms.py``); a bad value is a :class:`ConfigValueError` naming
+    ``source``, the key, the value and the allowed values. Keys the config lacks are skipped."""
+    from ..data.transforms import RESIZE_BACKEND_KEY, check_resize_backend
+
+    value = cfg_get(cfg, RESIZE_BACKEND_KEY)
+    if value is not None:
+        try:
+            check_resize_backend(value, source)
+        except ValueError as e:
+            raise ConfigValueError(str(e)) from None
+    return cfg
+
+
 def merge_config_file(cfg, config_file):
     """``cfg.merge_from_file(config_file)`` with errors that name the file, the key and close matches."""
     config_file = str(config_file)
@@ -195,7 +213,7 @@ def merge_config_file(cfg, config_file):
             f"config file {config_file} (or one of its _BASE_ files) refers to {e.filename}, which does not exist. "
             "_BASE_ paths are relative to the file that names them."
         ) from None
-    return cfg
+    return check_config_values(cfg, f"config file {config_file}")
 
 
 def merge_config_list(cfg, opts, source="command-line override"):
@@ -217,6 +235,7 @@ def merge_config_list(cfg, opts, source="command-line override"):
             raise _unknown_key_error(cfg, key, f"{source} {key} {value}") from None
         except ValueError as e:
             raise _value_error(e, f"{source} {key} {value}") from None
+        check_config_values(cfg, f"{source} {key} {value}")
     return cfg
 
 

@@ -7,7 +7,8 @@ Differences from ``detectron2.engine.DefaultPredictor``:
 * the input may be gray (H, W) or (H, W, 1), BGR/RGB (H, W, 3) or with alpha (H, W, 4)
   (alpha is dropped); an empty or otherwise shaped array is a ValueError naming the shape;
 * the resize never produces a 0-pixel side (a 1 x 5000 image works), and images of any
-  size are resized to the test size as usual;
+  size are resized to the test size as usual, with ``INPUT.RESIZE_BACKEND`` (OpenCV bilinear
+  as the reference in the published configs, or Detectron2's PIL bilinear), as the test loader;
 * after loading, the model gets the exact inference rewrites of ``TEST.FOLD_BATCHNORM`` and
   ``TEST.MEMORY_FORMAT`` (``gfocalv2/modeling/inference_optimization.py``): BatchNorms are
   folded into their convolutions, so ``predictor.model`` no longer loads or saves
@@ -23,6 +24,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..data.mapper import SafeResizeShortestEdge, to_three_channels
+from ..data.transforms import resize_backend
 from ..modeling.inference_optimization import optimize_for_inference
 from .checkpoint import checkpointer_for
 
@@ -44,7 +46,9 @@ class Predictor(DefaultPredictor):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         checkpointer_for(cfg, self.model).load(cfg.MODEL.WEIGHTS)
         optimize_for_inference(self.model, cfg)
-        self.aug = SafeResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.aug = SafeResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST, backend=resize_backend(cfg)
+        )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for the predictor, got {self.input_format!r}")

@@ -9,13 +9,18 @@ a level that is computed but not read would leave its convolutions without a gra
 which DistributedDataParallel refuses ("parameters that were not used in producing loss").
 The parameter names do not depend on which levels are built (``backbone.top_block.p6/p7``,
 ``backbone.fpn_lateral<k>/fpn_output<k>``), so the full P3-P7 model keeps its names.
+
+Initialization is the reference's (MMDetection's FPN: ``xavier_init(distribution='uniform')``):
+every lateral, output and P6/P7 conv gets ``nn.init.xavier_uniform_`` (gain 1) and a zero bias,
+where Detectron2's FPN uses ``c2_xavier_fill`` (``kaiming_uniform_(a=1)``, bound sqrt(3 / fan_in)
+instead of sqrt(6 / (fan_in + fan_out)): the same for the 3x3 convs of C -> C channels, not for
+the laterals).
 """
 import math
 from typing import List, Optional
 
 from torch import nn
 
-import fvcore.nn.weight_init as weight_init
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
@@ -30,6 +35,8 @@ __all__ = [
     "head_in_features",
     "unread_fpn_modules",
     "unread_level_parameters",
+    "xavier_uniform_init",
+    "xavier_init_fpn_convs",
 ]
 
 #: Where each meta-architecture that can use these backbones reads its head's input levels.
@@ -42,6 +49,25 @@ HEAD_IN_FEATURES_KEYS = {
     # A yacs FCOS (not in Detectron2 0.6) would read its own node, when the config has it.
     "FCOS": "MODEL.FCOS.IN_FEATURES",
 }
+
+
+def xavier_uniform_init(conv: nn.Module) -> None:
+    """The reference's ``xavier_init(conv, distribution='uniform')``: weight ~ U(-b, b) with
+    b = sqrt(6 / (fan_in + fan_out)) (gain 1), bias (if any) 0."""
+    nn.init.xavier_uniform_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+def xavier_init_fpn_convs(fpn: FPN) -> FPN:
+    """Re-initialize the lateral and output convs of a Detectron2 ``FPN`` (which its constructor
+    fills with ``c2_xavier_fill``) with :func:`xavier_uniform_init`, in the constructor's order
+    (finest level first, lateral before output); norms and the top block are left as they are.
+    Returns ``fpn``."""
+    for lateral, output in zip(reversed(fpn.lateral_convs), reversed(fpn.output_convs)):
+        xavier_uniform_init(lateral)
+        xavier_uniform_init(output)
+    return fpn
 
 
 def head_in_features(cfg) -> Optional[List[str]]:
@@ -63,6 +89,7 @@ class LastLevelP6P7FromP5(nn.Module):
 
     Input: P5 of shape (N, C, H, W); outputs [P6 (N, C, H/2, W/2), P7 (N, C, H/4, W/4)].
     With ``num_levels=1`` only P6 is built and returned (no ``p7`` module).
+    The convs are initialized as the reference's: :func:`xavier_uniform_init`.
     """
 
     def __init__(self, channels: int, in_feature: str = "p5", num_levels: int = 2):
@@ -71,14 +98,14 @@ class LastLevelP6P7FromP5(nn.Module):
             raise ValueError(f"LastLevelP6P7FromP5 builds 1 (P6) or 2 (P6, P7) levels, not {num_levels}")
         self.num_levels = num_levels
         self.in_feature = in_feature
-        # Same creation and initialization order as always, so that the full P6/P7 block
-        # draws the same random numbers.
+        # Same creation and initialization order as always (both convs created, then p6 and p7
+        # initialized), so that the full P6/P7 block draws its random numbers in a fixed order.
         self.p6 = nn.Conv2d(channels, channels, 3, 2, 1)
         if num_levels == 2:
             self.p7 = nn.Conv2d(channels, channels, 3, 2, 1)
         for module in (self.p6, getattr(self, "p7", None)):
             if module is not None:
-                weight_init.c2_xavier_fill(module)
+                xavier_uniform_init(module)
 
     def forward(self, p5):
         p6 = self.p6(p5)
@@ -104,6 +131,9 @@ def build_gfocal_fpn(cfg, bottom_up):
     block, one on p3..p6 gets P6 only; FPN inputs finer than the finest level read are left
     out (a head on p4..p7 gets no res3 lateral/output convs). The levels in between are
     always built: the top-down path and the P6/P7 block need them.
+
+    All FPN convs (lateral, output, P6/P7) are xavier-uniform with zero bias, as the reference's
+    (:func:`xavier_init_fpn_convs`, :class:`LastLevelP6P7FromP5`).
     """
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
@@ -126,7 +156,7 @@ def build_gfocal_fpn(cfg, bottom_up):
     top_block = None
     if num_top:
         top_block = LastLevelP6P7FromP5(out_channels, in_feature=f"p{last}", num_levels=num_top)
-    return FPN(
+    fpn = FPN(
         bottom_up=bottom_up,
         in_features=in_features,
         out_channels=out_channels,
@@ -134,6 +164,7 @@ def build_gfocal_fpn(cfg, bottom_up):
         top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+    return xavier_init_fpn_convs(fpn)  # the reference's init, not Detectron2's c2_xavier_fill
 
 
 @BACKBONE_REGISTRY.register()

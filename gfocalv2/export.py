@@ -177,13 +177,16 @@ def compare_detections(
 
 # ----------------------------------------------------------------------------- CLI
 def load_image(path: str, cfg) -> Tensor:
-    """An image file as the test-time input: ``INPUT.FORMAT``, resized with
-    ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` -> (1, 3, H, W) float."""
-    import detectron2.data.transforms as T
+    """An image file as the test-time input: ``INPUT.FORMAT``, resized as the Predictor does
+    (``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` sizes, ``INPUT.RESIZE_BACKEND`` pixels)
+    -> (1, 3, H, W) float."""
     from detectron2.data.detection_utils import read_image
 
+    from .data.mapper import SafeResizeShortestEdge
+    from .data.transforms import resize_backend
+
     img = read_image(path, format=cfg.INPUT.FORMAT)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    aug = SafeResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST, backend=resize_backend(cfg))
     img = aug.get_transform(img).apply_image(img)
     return torch.as_tensor(img.astype("float32").transpose(2, 0, 1))[None]
 

@@ -8,8 +8,14 @@ its IoU reaches the threshold and its centre lies inside the box by more than
 ``min_inside`` on every side. An anchor claimed by several boxes goes to the one with
 the highest IoU (the lowest box index on ties). Ties in distance are broken by the
 lowest anchor index, so the assignment is deterministic.
+
+Anchors can be marked invalid per image (those outside the image's own padded size, in
+a batch of images of different sizes): as in the reference, which assigns each image on
+its valid anchors only, they are never candidates, so they neither become positive nor
+enter the IoU statistics; a level with fewer valid anchors than ``topk`` gives fewer
+candidates.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,6 +32,7 @@ def atss_assign(
     gt_valid: Tensor,
     topk: int = 9,
     min_inside: float = 0.01,
+    anchor_valid: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Assign anchors to ground-truth boxes.
 
@@ -36,6 +43,8 @@ def atss_assign(
         gt_valid: (N, G) bool, False for padding.
         topk: candidates per level and ground truth.
         min_inside: how far (in pixels) an anchor centre must lie inside a box.
+        anchor_valid: optional (N, A) bool, False for anchors that image must ignore (never
+            candidates); None: all valid (the unmasked computation, bit for bit).
 
     Returns:
         matched_idx: (N, A) int64 index into G of each anchor's box (0 where negative).
@@ -52,14 +61,23 @@ def atss_assign(
     candidates = []
     start = 0
     for num in num_anchors_per_level:
-        nearest = _nearest(anchor_centers[start : start + num], gt_centers, min(topk, num))  # (N, k, G)
+        valid = None if anchor_valid is None else anchor_valid[:, start : start + num]
+        nearest = _nearest(anchor_centers[start : start + num], gt_centers, min(topk, num), valid)  # (N, k, G)
         candidates.append(nearest + start)
         start += num
     candidates = torch.cat(candidates, dim=1)  # (N, K, G), K = sum of per-level k
 
     # IoUs of the candidates only: the IoU of every anchor with every box is never needed.
     candidate_ious = _iou(anchors[candidates], gt_boxes[:, None])  # (N, K, G)
-    threshold = candidate_ious.mean(dim=1, keepdim=True) + candidate_ious.std(dim=1, keepdim=True)
+    if anchor_valid is None:
+        threshold = candidate_ious.mean(dim=1, keepdim=True) + candidate_ious.std(dim=1, keepdim=True)
+        candidate_valid = None
+    else:
+        # Invalid anchors are ranked last on each level, so they are among the candidates
+        # only where a level has fewer than topk valid anchors: leave them out of the
+        # statistics (mean and unbiased std over the valid candidates, as the reference).
+        candidate_valid = anchor_valid.gather(1, candidates.flatten(1)).view_as(candidates)  # (N, K, G)
+        threshold = _masked_mean_plus_std(candidate_ious, candidate_valid)
 
     cx = anchor_centers[:, 0][candidates]  # (N, K, G)
     cy = anchor_centers[:, 1][candidates]
@@ -67,6 +85,8 @@ def atss_assign(
     inside = torch.stack([cx - x0, cy - y0, x1 - cx, y1 - cy], dim=-1).amin(dim=-1) > min_inside
 
     is_candidate_pos = (candidate_ious >= threshold) & inside & gt_valid[:, None, :]
+    if candidate_valid is not None:
+        is_candidate_pos &= candidate_valid
     neg_inf = torch.full_like(candidate_ious, float("-inf"))
     claimed = torch.full((N, A, G), float("-inf"), dtype=candidate_ious.dtype, device=anchors.device).scatter_(
         1, candidates, torch.where(is_candidate_pos, candidate_ious, neg_inf)
@@ -76,11 +96,23 @@ def atss_assign(
     return torch.where(is_pos, matched_idx, torch.zeros_like(matched_idx)), is_pos
 
 
-def _nearest(centers: Tensor, points: Tensor, k: int) -> Tensor:
+def _masked_mean_plus_std(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean plus unbiased standard deviation over dim 1 of the (N, K, G) ``values`` where
+    ``mask``; (N, 1, G). NaN where fewer than 2 values count, as ``Tensor.std``."""
+    count = mask.sum(dim=1, keepdim=True).to(values.dtype)
+    zero = torch.zeros_like(values)
+    mean = torch.where(mask, values, zero).sum(dim=1, keepdim=True) / count
+    var = torch.where(mask, (values - mean) ** 2, zero).sum(dim=1, keepdim=True) / (count - 1)
+    return mean + var.sqrt()
+
+
+def _nearest(centers: Tensor, points: Tensor, k: int, valid: Optional[Tensor] = None) -> Tensor:
     """The ``k`` centres nearest to each point, by (distance, index).
 
     Args:
         centers: (A_l, 2) anchor centres of one level; points: (N, G, 2); k <= A_l.
+        valid: optional (N, A_l) bool: invalid centres of an image rank after all its valid
+            ones (infinitely far), still by index among themselves.
 
     Returns:
         (N, k, G) indices into ``centers``, nearest first; equal distances: lowest index first.
@@ -90,6 +122,9 @@ def _nearest(centers: Tensor, points: Tensor, k: int) -> Tensor:
     dx = points[:, :, None, 0] - centers[:, 0]
     dy = points[:, :, None, 1] - centers[:, 1]
     dist = dx * dx + dy * dy
+    if valid is not None:
+        # +inf, not a large number: its float bits still order above every finite distance.
+        dist = torch.where(valid[:, None, :], dist, torch.full_like(dist, float("inf")))
     index = torch.arange(centers.shape[0], device=centers.device)
     if dist.dtype == torch.float32:
         # Top-k instead of a full sort (~10x fewer operations). Ties must go to the lowest

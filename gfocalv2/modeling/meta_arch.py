@@ -23,7 +23,7 @@ from detectron2.utils import comm
 
 from .atss import atss_assign
 from .backbone.fpn import unread_level_parameters
-from .box_coder import box_to_distance, distance_to_box, distribution_to_distance
+from .box_coder import distance_targets, distance_to_box, distribution_to_distance
 from .head import GFocalHead
 from .losses import distribution_focal_loss, quality_focal_loss
 
@@ -164,6 +164,41 @@ class GFocalV2(DenseDetector):
         strides = [torch.full((len(a),), float(s), device=a.device) for a, s in zip(anchors, self.anchor_generator.strides)]
         return anchors, strides
 
+    def _valid_locations(self, features: List[Tensor], image_sizes: List[Tuple[int, int]]) -> Optional[List[Tensor]]:
+        """Per level, (N, H_l * W_l) bool: whether each location lies inside its own image's
+        padded size; None when every location of every image does.
+
+        As the reference: an image is padded to a multiple of the backbone's size
+        divisibility (32), and a location is valid when its feature-map row is below
+        ceil(pad_h / stride) and its column below ceil(pad_w / stride) (MMDetection's anchor
+        ``valid_flags`` with the image's ``pad_shape``). The rest of the batch-padded tensor
+        exists only because another image of the batch is larger: an image must not train
+        or detect there, or its results would depend on its batch.
+
+        Built from the host-side image sizes, compared on the device as Python scalars: no
+        host-to-device copy, which would wait for the GPU work queued before it. Equal padded
+        sizes (single images, exported graphs) give None, so those cases carry no mask at all.
+        """
+        div = max(1, self.backbone.size_divisibility)
+        shapes = [tuple(f.shape[-2:]) for f in features]
+        strides = self.anchor_generator.strides
+        rows, cols = [], []  # (N, L): valid rows and columns of each image on each level
+        for h, w in image_sizes:
+            pad_h, pad_w = -(-h // div) * div, -(-w // div) * div  # ceil to a multiple of div
+            rows.append([min(-(-pad_h // s), H) for s, (H, _) in zip(strides, shapes)])
+            cols.append([min(-(-pad_w // s), W) for s, (_, W) in zip(strides, shapes)])
+        if all(r == [H for H, _ in shapes] for r in rows) and all(c == [W for _, W in shapes] for c in cols):
+            return None
+        device = features[0].device
+        valid = []
+        for level, (H, W) in enumerate(shapes):
+            ys, xs = torch.arange(H, device=device), torch.arange(W, device=device)
+            in_rows = torch.stack([ys < r[level] for r in rows])  # (N, H)
+            in_cols = torch.stack([xs < c[level] for c in cols])  # (N, W)
+            # Locations are ordered row-major (y, then x), as the anchors and permute_to_N_HWA_K.
+            valid.append((in_rows[:, :, None] & in_cols[:, None, :]).flatten(1))
+        return valid
+
     def _flatten(self, predictions) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Per-level (N, K, H, W) maps -> (N, A, K) with levels concatenated, finest first."""
         cls_logits, box_logits, quality_logits = predictions
@@ -181,24 +216,36 @@ class GFocalV2(DenseDetector):
 
     # ---------------------------------------------------------------- training
     def forward_training(self, images: ImageList, features: List[Tensor], predictions, gt_instances: List[Instances]):
-        anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos = self.label_anchors(features, gt_instances)
-        return self.losses(anchors, strides, self._flatten(predictions), gt_boxes, gt_classes, matched_idx, is_pos)
+        anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos, valid = self.label_anchors(
+            features, gt_instances, images.image_sizes
+        )
+        return self.losses(anchors, strides, self._flatten(predictions), gt_boxes, gt_classes, matched_idx, is_pos, valid)
 
     @torch.no_grad()
-    def label_anchors(self, features: List[Tensor], gt_instances: List[Instances]):
+    def label_anchors(
+        self, features: List[Tensor], gt_instances: List[Instances], image_sizes: Optional[List[Tuple[int, int]]] = None
+    ):
         """Training targets: the anchors and their ATSS assignment.
+
+        Args:
+            image_sizes: (height, width) of each (unpadded) image; anchors outside an image's
+                own padded size are then invalid (see :meth:`_valid_locations`). None: every
+                anchor is valid for every image.
 
         Returns:
             anchors: (A, 4) of all levels, finest first; strides: (A,);
             gt_boxes: (N, G, 4); gt_classes: (N, G) (padding: num_classes);
-            matched_idx, is_pos: (N, A), see :func:`atss_assign`.
+            matched_idx, is_pos: (N, A), see :func:`atss_assign`;
+            valid: (N, A) bool, or None when all anchors are valid.
         """
         anchors, strides = self._anchors(features)
         num_per_level = [len(a) for a in anchors]
         anchors, strides = cat(anchors), cat(strides)
+        valid = None if image_sizes is None else self._valid_locations(features, image_sizes)
+        valid = None if valid is None else cat(valid, dim=1)
         gt_boxes, gt_classes, gt_valid = self._pad_ground_truth(gt_instances)
-        matched_idx, is_pos = atss_assign(anchors, num_per_level, gt_boxes, gt_valid, self.atss_topk)
-        return anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos
+        matched_idx, is_pos = atss_assign(anchors, num_per_level, gt_boxes, gt_valid, self.atss_topk, anchor_valid=valid)
+        return anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos, valid
 
     def _pad_ground_truth(self, gt_instances: List[Instances]) -> Tuple[Tensor, Tensor, Tensor]:
         """Ground truth as (N, G, 4) boxes, (N, G) classes and (N, G) validity, G = max boxes per image."""
@@ -214,7 +261,9 @@ class GFocalV2(DenseDetector):
             valid[i, :n] = True
         return boxes, classes, valid
 
-    def losses(self, anchors, strides, flat_predictions, gt_boxes, gt_classes, matched_idx, is_pos) -> Dict[str, Tensor]:
+    def losses(
+        self, anchors, strides, flat_predictions, gt_boxes, gt_classes, matched_idx, is_pos, valid=None
+    ) -> Dict[str, Tensor]:
         """QFL, GIoU and DFL, normalized as the reference does.
 
         Args:
@@ -222,6 +271,12 @@ class GFocalV2(DenseDetector):
             flat_predictions: (N, A, C) class logits, (N, A, 4 * (reg_max + 1)) box logits,
                 (N, A, 1) quality logits or None.
             gt_boxes: (N, G, 4); gt_classes: (N, G); matched_idx, is_pos: (N, A) from ATSS.
+            valid: (N, A) bool or None (all valid): invalid anchors (outside their image's
+                own padded size) get QFL weight 0; ATSS never makes them positive.
+
+        QFL is divided by the sum over images of max(positives, 1) (an image without
+        positives counts 1), GIoU and DFL by the sum of the positives' weights, both
+        averaged over processes.
 
         Computed densely over all anchors (negatives get their own anchor box as a benign
         regression target and zero weight), so there is no data-dependent indexing and no
@@ -249,13 +304,18 @@ class GFocalV2(DenseDetector):
                 qfl = quality_focal_loss(
                     cls_logits.float().reshape(-1, C), labels.reshape(-1), iou_target, self.qfl_beta, use_sigmoid=True
                 )
-            num_pos = _reduce_mean(is_pos.sum().float()).clamp(min=1.0)
+            qfl = qfl.reshape(N, A)
+            if valid is not None:  # where, not a product: no 0 x inf from garbage in the padding
+                qfl = torch.where(valid, qfl, torch.zeros_like(qfl))
+            # The reference's normalizer: each image adds max(its positives, 1), so an image
+            # without positives still counts (its negatives' loss is not scaled up).
+            num_pos = _reduce_mean(is_pos.sum(dim=1).clamp(min=1).sum().float())
 
             # Each positive is weighted by its (detached) best joint score.
             weight = torch.where(is_pos, scores.detach().amax(dim=-1), torch.zeros_like(scores[..., 0]))
             weight_sum = _reduce_mean(weight.sum()).clamp(min=1e-6)
             giou = giou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4), reduction="none").reshape(N, A)
-            target_dist = (box_to_distance(centers, target_boxes) / strides[:, None]).clamp(min=0.0, max=self.reg_max - 0.01)
+            target_dist = distance_targets(centers, target_boxes, strides, self.reg_max)  # (N, A, 4), <= reg_max - 0.1
             dfl = distribution_focal_loss(box_logits.reshape(-1, self.reg_max + 1), target_dist.reshape(-1))
             dfl = dfl.reshape(N, A, 4).mean(dim=-1)
 
@@ -277,9 +337,15 @@ class GFocalV2(DenseDetector):
             for c, q in zip(cls_logits, qualities)
         ]
         boxes = [permute_to_N_HWA_K(b, bins) for b in box_logits]
+        valid = self._valid_locations(features, images.image_sizes)  # per level (N, A_l), or None
         return [
             self.inference_single_image(
-                centers, strides, [s[i] for s in scores], [b[i] for b in boxes], image_size
+                centers,
+                strides,
+                [s[i] for s in scores],
+                [b[i] for b in boxes],
+                image_size,
+                None if valid is None else [v[i] for v in valid],
             )
             for i, image_size in enumerate(images.image_sizes)
         ]
@@ -291,6 +357,7 @@ class GFocalV2(DenseDetector):
         scores: List[Tensor],
         box_logits: List[Tensor],
         image_size: Tuple[int, int],
+        valid: Optional[List[Tensor]] = None,
     ) -> Instances:
         """Detections of one image.
 
@@ -298,23 +365,40 @@ class GFocalV2(DenseDetector):
             centers: per level (A_l, 2) anchor centres; strides: per level (A_l,).
             scores: per level (A_l, C) joint scores; box_logits: per level (A_l, 4 * (reg_max + 1)).
             image_size: (height, width) of the (resized, unpadded) input image.
+            valid: per level (A_l,) bool, False for locations outside the image's own padded
+                size (the padding for a larger image of the batch); None: all valid.
 
-        Per level, keeps the ``test_topk_candidates`` locations with the highest max class
-        score and decodes only those; then all (location, class) pairs above
+        Per level, keeps the ``test_topk_candidates`` valid locations with the highest max
+        class score and decodes only those; boxes are clipped to the image and those of zero
+        width or height dropped; then all (location, class) pairs above
         ``test_score_thresh`` across levels go through class-wise NMS, best
         ``max_detections_per_image`` kept.
         """
-        cand_scores, cand_boxes = [], []
-        for center, stride, score, box in zip(centers, strides, scores, box_logits):
+        cand_scores, cand_boxes, cand_valid = [], [], []
+        for level, (center, stride, score, box) in enumerate(zip(centers, strides, scores, box_logits)):
             k = min(self.test_topk_candidates, score.shape[0])
-            top = score.amax(dim=1).topk(k).indices  # (k,)
+            rank = score.amax(dim=1)  # (A_l,)
+            if valid is not None:
+                # Invalid locations rank below every valid one (scores are >= 0), so the top-k
+                # is the one the image gets alone; those still picked (k > valid count) are
+                # dropped below.
+                rank = torch.where(valid[level], rank, torch.full_like(rank, -1.0))
+            top = rank.topk(k).indices  # (k,)
             dist = distribution_to_distance(box[top], self.reg_max) * stride[top, None]
             cand_boxes.append(distance_to_box(center[top], dist))
             cand_scores.append(score[top])
+            if valid is not None:
+                cand_valid.append(valid[level][top])
         boxes = Boxes(cat(cand_boxes))
         boxes.clip(image_size)
         scores = cat(cand_scores)  # (K, C)
-        loc_idx, class_idx = (scores > self.test_score_thresh).nonzero(as_tuple=True)
+        # Boxes empty after clipping (a location outside the image regressing into the padding
+        # only) are dropped before NMS, as MMDetection's min_bbox_size=0 filter: they would
+        # take detection slots, and no consumer of the detections wants them.
+        usable = boxes.nonempty()  # (K,)
+        if valid is not None:
+            usable = usable & cat(cand_valid)
+        loc_idx, class_idx = ((scores > self.test_score_thresh) & usable[:, None]).nonzero(as_tuple=True)
         det_boxes, det_scores = boxes.tensor[loc_idx], scores[loc_idx, class_idx]
         keep = _class_wise_nms(det_boxes, det_scores, class_idx, self.test_nms_thresh)[: self.max_detections_per_image]
         result = Instances(image_size)

@@ -18,6 +18,7 @@ as a mixin for Detectron2's ``DefaultTrainer``::
   checkpointer already has it, so ``--resume`` continues from there.
 * Evaluation: a model that predicts nothing gets AP 0 for every metric, not NaN / ``{}``.
 """
+import contextlib
 import logging
 import math
 import os
@@ -252,19 +253,22 @@ class ReliableTrainerMixin:
             return saved
         return self._faults.wait_saved() if self._faults.enabled else saved
 
-    def before_step(self):
+    @contextlib.contextmanager
+    def _failing_marks_the_run(self):
+        """A hook that raises marks the run as failed (see :meth:`after_train`)."""
         try:
-            super().before_step()
+            yield
         except BaseException:
             self._failed = True
             raise
 
+    def before_step(self):
+        with self._failing_marks_the_run():
+            super().before_step()
+
     def after_step(self):
-        try:
+        with self._failing_marks_the_run():
             super().after_step()
-        except BaseException:
-            self._failed = True
-            raise
         if self._loss_guard.stop_agreed:  # agreed by every process during this step's loss check
             self._failed = True  # no final evaluation or model_final of an interrupted run
             signum = stop_signal() or signal.SIGTERM  # or another process got the signal

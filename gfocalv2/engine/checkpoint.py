@@ -26,7 +26,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..modeling.inference_optimization import has_folded_batchnorm
 
-__all__ = ["GFocalCheckpointer", "CheckpointError", "UnreadableCheckpointError", "NonFiniteWeightsError", "atomic_torch_save", "atomic_write_text", "checkpointer_for"]
+__all__ = ["GFocalCheckpointer", "CheckpointError", "UnreadableCheckpointError", "NonFiniteWeightsError", "atomic_torch_save", "atomic_write_text", "checkpointer_for", "load_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -250,9 +250,19 @@ class GFocalCheckpointer(DetectionCheckpointer):
 
 def checkpointer_for(cfg, model, save_dir="", **checkpointables):
     """A :class:`GFocalCheckpointer` with ``allow_class_mismatch`` from the config."""
-    from .config_checks import cfg_get
-
     return GFocalCheckpointer(
-        model, save_dir, allow_class_mismatch=bool(cfg_get(cfg, "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH")),
-        **checkpointables,
+        model, save_dir, allow_class_mismatch=cfg.MODEL.REINIT_HEAD_ON_CLASS_MISMATCH, **checkpointables
     )
+
+
+def load_weights(model, cfg, weights=None):
+    """Load ``weights`` (default ``cfg.MODEL.WEIGHTS``) into ``model`` with the checks of
+    :class:`GFocalCheckpointer` (missing file, unreadable file, other architecture, other class
+    count); every tool loads weights this way. An empty path leaves the model as initialized,
+    with a warning. Returns ``model``."""
+    weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    if not weights:
+        logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialization")
+        return model
+    checkpointer_for(cfg, model).load(weights)
+    return model

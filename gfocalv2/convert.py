@@ -458,26 +458,18 @@ def check_against_model(converted: Dict[str, torch.Tensor], target: Dict[str, to
 
 
 def build_target_cfg(info: BackboneInfo, *, detector: bool, num_classes=80, reg_max=16, dgqp=None, config_file=None, opts=()):
-    """A Detectron2 config for the converted weights (from ``config_file`` if given)."""
-    import gfocalv2  # noqa: F401  (compat, registries)
-    from detectron2.config import get_cfg
+    """A Detectron2 config for the converted weights: ``config_file`` + ``opts`` if given, else
+    ``configs/Base-GFocalV2.yaml`` with the backbone ``info`` describes and the head's sizes."""
+    from gfocalv2.config import config_file_path
+    from gfocalv2.engine import build_cfg
 
-    from gfocalv2.config import add_gfocalv2_config
-    from gfocalv2.modeling.backbone.res2net import add_res2net_config
-
-    cfg = get_cfg()
-    add_gfocalv2_config(cfg)
-    add_res2net_config(cfg)
     if config_file:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-        cfg.MODEL.DEVICE = "cpu"
-        return cfg
+        return build_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], freeze=False)
+    cfg = build_cfg(config_file_path("Base-GFocalV2.yaml"), ["MODEL.DEVICE", "cpu"], freeze=False)
     r = cfg.MODEL.RESNETS
     r.DEPTH = info.depth
-    r.OUT_FEATURES = ["res3", "res4", "res5"] if detector else ["res2", "res3", "res4", "res5"]
-    r.STRIDE_IN_1X1 = False
-    r.NORM = "FrozenBN"
+    if not detector:  # the bottom-up backbone alone, as ImageNet checkpoints hold it
+        r.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     if info.depth in (18, 34):
         r.RES2_OUT_CHANNELS = 64
     if info.family == "res2net":
@@ -487,16 +479,9 @@ def build_target_cfg(info: BackboneInfo, *, detector: bool, num_classes=80, reg_
     else:
         r.NUM_GROUPS = info.num_groups
         r.WIDTH_PER_GROUP = info.width_per_group
-        cfg.MODEL.BACKBONE.NAME = "build_gfocal_resnet_fpn_backbone"
     r.DEFORM_ON_PER_STAGE = list(info.deform_on_per_stage)
     r.DEFORM_MODULATED = info.deform_modulated
     r.DEFORM_NUM_GROUPS = info.deform_num_groups
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 256
-    cfg.MODEL.META_ARCHITECTURE = "GFocalV2"
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[64], [128], [256], [512], [1024]]
-    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[1.0]]
-    cfg.MODEL.ANCHOR_GENERATOR.OFFSET = 0.0
     g = cfg.MODEL.GFOCAL
     g.NUM_CLASSES = num_classes
     g.REG_MAX = reg_max
@@ -505,7 +490,6 @@ def build_target_cfg(info: BackboneInfo, *, detector: bool, num_classes=80, reg_
     else:
         g.DGQP_ENABLED = True
         g.DGQP_TOPK, g.DGQP_ADD_MEAN, g.DGQP_CHANNELS = dgqp
-    cfg.MODEL.DEVICE = "cpu"
     return cfg
 
 

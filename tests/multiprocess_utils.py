@@ -97,7 +97,7 @@ def _record_batches(out_dir):
             self.ids = {}
 
         def after_step(self):
-            self.ids[self.trainer.iter] = [s.split(" ")[1] for s in self.trainer._loss_guard.last_batch]
+            self.ids[self.trainer.iter] = [s.split(" ")[1] for s in self.trainer._guarded_model.last_batch]
 
         def after_train(self):
             with open(os.path.join(out_dir, f"batches_rank{comm.get_rank()}.json"), "w") as f:

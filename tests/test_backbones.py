@@ -6,10 +6,10 @@ from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
 
+from gfocalv2 import add_gfocalv2_config
 from gfocalv2.modeling.backbone import (
     DeformBottleneckBlock,
     EvalBatchNorm2d,
-    add_res2net_config,
     build_gfocal_res2net_backbone,
     build_gfocal_resnet_backbone,
 )
@@ -20,7 +20,7 @@ ALL_STAGES = ["res2", "res3", "res4", "res5"]
 
 def make_cfg(depth=50, groups=1, width=64, deform=(False,) * 4, modulated=False, norm="FrozenBN", freeze_at=2):
     cfg = get_cfg()
-    add_res2net_config(cfg)
+    add_gfocalv2_config(cfg)
     r = cfg.MODEL.RESNETS
     r.DEPTH, r.NUM_GROUPS, r.WIDTH_PER_GROUP = depth, groups, width
     r.OUT_FEATURES = ALL_STAGES

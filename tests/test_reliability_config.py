@@ -7,12 +7,12 @@ from reliability_utils import DIGITS_CONFIG, capture_logs, messages, register, s
 
 from detectron2.modeling import build_model
 
+from gfocalv2 import add_gfocalv2_config
 from gfocalv2.engine import build_cfg
 from gfocalv2.engine.checkpoint import CheckpointError, UnreadableCheckpointError, checkpointer_for
 from gfocalv2.engine.config_checks import (
     ConfigValueError,
     UnknownConfigKeyError,
-    add_reliability_config,
     merge_config_list,
 )
 
@@ -74,7 +74,7 @@ def test_reliability_keys_exist_and_are_idempotent():
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES = 3
-    add_reliability_config(cfg)
+    add_gfocalv2_config(cfg)
     assert cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES == 3
 
 
@@ -94,7 +94,7 @@ def test_num_classes_must_cover_the_dataset(tmp_path):
 # ------------------------------------------------------------------ MODEL.WEIGHTS
 def _tiny_model(num_classes=3, **kw):
     cfg = gfocal_cfg("MODEL.GFOCAL.NUM_CLASSES", num_classes, tiny=True)
-    add_reliability_config(cfg)
+    add_gfocalv2_config(cfg)
     for k, v in kw.items():
         cfg.merge_from_list([k, v])
     return cfg, build_model(cfg)

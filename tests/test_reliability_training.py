@@ -14,7 +14,7 @@ from detectron2.engine import HookBase
 
 from gfocalv2.data import DataLoadingError
 from gfocalv2.engine.checkpoint import atomic_torch_save, atomic_write_text
-from gfocalv2.engine.hooks import NonFiniteLossError
+from gfocalv2.engine.train_step import NonFiniteLossError
 
 SIZES = [(64, 64), (80, 48), (48, 80), (64, 64), (72, 56), (56, 72), (64, 48), (64, 64)]
 # multi-scale + flips + aspect-ratio grouping: every source of data randomness is exercised
@@ -39,7 +39,7 @@ class Record(HookBase):
         self.lr[self.trainer.iter] = self.trainer.optimizer.param_groups[0]["lr"]
 
     def after_step(self):
-        self.batches[self.trainer.iter] = list(self.trainer._loss_guard.last_batch)
+        self.batches[self.trainer.iter] = list(self.trainer._guarded_model.last_batch)
 
 
 class Killed(BaseException):
@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_with_iteration_losses_images_and_last_good_checkp
     assert isinstance(err, NonFiniteLossError) and err.iteration == 3
     msg = str(err)
     assert "Non-finite loss at iteration 3" in msg and "loss_giou=nan" in msg and "loss_qfl=" in msg
-    batch = trainer._loss_guard.last_batch
+    batch = trainer._guarded_model.last_batch
     assert len(batch) == 2 and all(b in msg for b in batch) and "img_" in msg
     assert f"saved to {out / 'model_0000002.pth'}" in msg and "run again with --resume" in msg
     ckpt = _weights(out / "model_0000002.pth")
@@ -382,7 +382,7 @@ def test_resume_from_a_checkpoint_without_optimizer_state(dataset, tmp_path):
 
 def test_data_seed_of_a_random_seed_run_restores_the_augmentation_seed(dataset, tmp_path):
     """SEED -1: the resumed run uses the saved data seed for the sampler and for the augmentations."""
-    from gfocalv2.engine.hooks import DataSeedHook
+    from gfocalv2.engine.trainer import DataSeedHook
 
     trainer = make_trainer(_cfg(tmp_path / "run", dataset, 2, extra=["SEED", "-1"]))
     hook = next(h for h in trainer._hooks if isinstance(h, DataSeedHook))
@@ -395,7 +395,7 @@ def test_data_seed_of_a_random_seed_run_restores_the_augmentation_seed(dataset, 
 def test_sigterm_in_one_process_saves_the_step_and_resume_is_bit_identical(dataset, tmp_path):
     import signal
 
-    from gfocalv2.engine.reliability import TrainingInterrupted
+    from gfocalv2.engine.trainer import TrainingInterrupted
 
     class SignalAt(HookBase):
         def before_step(self):

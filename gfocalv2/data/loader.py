@@ -36,6 +36,7 @@ from detectron2.utils import comm
 __all__ = [
     "DataLoadingError",
     "ResumableBatchSampler",
+    "ResumableTrainLoader",
     "RobustMapDataset",
     "build_resumable_train_loader",
     "build_checked_test_loader",
@@ -220,6 +221,35 @@ class RobustMapDataset(torchdata.Dataset):
             index = random.Random(_mix(self.seed, pos, attempt, 1)).randrange(len(self.dicts))
 
 
+class ResumableTrainLoader:
+    """The training ``DataLoader``, started lazily: iterating it starts the ``DataLoader`` (and
+    its worker processes) only when the first batch is asked for. Detectron2's trainer takes
+    ``iter(loader)`` when it is built (v0.6), before ``resume_or_load`` knows the iteration to
+    resume at; :meth:`set_start_iter` (and the sampler's ``set_seed``) may be called until then.
+
+    Attributes:
+        loader: the ``torch.utils.data.DataLoader``.
+        batch_sampler: its :class:`ResumableBatchSampler`.
+        dataset: its :class:`RobustMapDataset`.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.batch_sampler = loader.batch_sampler
+        self.dataset = loader.dataset
+
+    @property
+    def seed(self):
+        return self.batch_sampler.seed
+
+    def set_start_iter(self, start_iter):
+        """The first batch is the one of iteration ``start_iter`` (before the first batch only)."""
+        self.batch_sampler.set_start_iter(start_iter)
+
+    def __iter__(self):
+        yield from self.loader  # a generator: the DataLoader starts at the first next()
+
+
 def _trivial_batch_collator(batch):
     return batch
 
@@ -238,10 +268,9 @@ def data_seed_from_cfg(cfg):
 def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
     """The training loader of the module docstring, from a config.
 
-    The returned ``DataLoader``'s ``batch_sampler`` is the :class:`ResumableBatchSampler`
-    (``set_start_iter`` / ``set_seed`` before iterating).
+    Returns a :class:`ResumableTrainLoader` (``set_start_iter``, and ``batch_sampler.set_seed``,
+    before the first batch).
     """
-    from ..engine.config_checks import cfg_get
     from .mapper import RobustDatasetMapper
     from .validation import load_dataset_dicts
 
@@ -250,7 +279,7 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
             cfg.DATASETS.TRAIN,
             is_train=True,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            check_images=cfg_get(cfg, "DATASETS.CHECK_IMAGES"),
+            check_images=cfg.DATASETS.CHECK_IMAGES,
         )
     if mapper is None:
         mapper = RobustDatasetMapper(cfg, True)
@@ -264,7 +293,7 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
         repeat_factors = None
     elif sampler_name == "RepeatFactorTrainingSampler":
         repeat_factors = _repeat_factors(
-            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, cfg_get(cfg, "DATALOADER.REPEAT_SQRT", True)
+            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT
         )
     else:
         raise ValueError(
@@ -278,19 +307,21 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
         len(dataset_dicts), total // world_size, seed, sizes=sizes, repeat_factors=repeat_factors
     )
     dataset = RobustMapDataset(
-        dataset_dicts, mapper, seed, cfg_get(cfg, "DATALOADER.MAX_CONSECUTIVE_FAILURES")
+        dataset_dicts, mapper, seed, cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES
     )
     logger.info(
         "Training data: %d images, %d per batch per GPU, seed %d, resumable order (%s%s)",
         len(dataset_dicts), total // world_size, seed, sampler_name,
         ", aspect-ratio grouping" if sizes is not None else "",
     )
-    return torchdata.DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=_trivial_batch_collator,
-        worker_init_fn=_worker_init,
+    return ResumableTrainLoader(
+        torchdata.DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            collate_fn=_trivial_batch_collator,
+            worker_init_fn=_worker_init,
+        )
     )
 
 
@@ -300,11 +331,10 @@ def build_checked_test_loader(cfg, dataset_name, mapper=None):
     :class:`~gfocalv2.data.mapper.RobustDatasetMapper` (failures name the file)."""
     from detectron2.data import build_detection_test_loader
 
-    from ..engine.config_checks import cfg_get
     from .mapper import RobustDatasetMapper
     from .validation import load_dataset_dicts
 
-    dicts = load_dataset_dicts([dataset_name], is_train=False, check_images=cfg_get(cfg, "DATASETS.CHECK_IMAGES"))
+    dicts = load_dataset_dicts([dataset_name], is_train=False, check_images=cfg.DATASETS.CHECK_IMAGES)
     if mapper is None:
         mapper = RobustDatasetMapper(cfg, False)
     return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)

@@ -77,9 +77,7 @@ def check_resize_backend(value, source=RESIZE_BACKEND_KEY):
 def resize_backend(cfg):
     """The checked ``INPUT.RESIZE_BACKEND`` of ``cfg`` (Detectron2's "pil-bilinear" when the
     config lacks the key)."""
-    from ..engine.config_checks import cfg_get
-
-    return check_resize_backend(cfg_get(cfg, RESIZE_BACKEND_KEY, DEFAULT_RESIZE_BACKEND))
+    return check_resize_backend(cfg.INPUT.RESIZE_BACKEND)
 
 
 def resize_transform(h, w, new_h, new_w, backend=DEFAULT_RESIZE_BACKEND, interp=None):

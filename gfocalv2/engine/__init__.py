@@ -1,4 +1,6 @@
-"""Training/evaluation workflow shared by ``train_net.py``, ``gfocalv2.demo`` and the projects.
+"""The Detectron2 workflow of gfocalv2, shared by ``train_net.py``, the tools of
+``python -m gfocalv2.<tool>`` and the example projects: the config of a run, the
+``Trainer``, several processes, checkpoints, evaluation, prediction.
 
 Import :mod:`gfocalv2` (which this package does) before any other ``detectron2`` module.
 """
@@ -6,22 +8,17 @@ from .. import compat as _compat
 
 _compat.apply()
 
-from .datasets import (  # noqa: E402
-    add_workflow_config,
-    check_datasets_registered,
-    get_thing_classes,
-    register_coco_datasets,
-)
-from .defaults import Trainer, build_cfg, check_num_classes, setup_cfg, workflow_argument_parser  # noqa: E402
+from ..data.datasets import check_datasets_registered, get_thing_classes, register_coco_datasets  # noqa: E402
+from .arguments import workflow_argument_parser  # noqa: E402
+from .config_setup import build_cfg, setup_cfg  # noqa: E402
+from .trainer import Trainer  # noqa: E402
 
 __all__ = [
     "Trainer",
     "build_cfg",
     "setup_cfg",
     "workflow_argument_parser",
-    "add_workflow_config",
     "register_coco_datasets",
     "check_datasets_registered",
-    "check_num_classes",
     "get_thing_classes",
 ]

@@ -48,7 +48,7 @@ class NonFiniteWeightsError(FloatingPointError):
 
 
 def _finite_state(state):
-    from .hooks import all_finite_tensors
+    from .train_step import all_finite_tensors
 
     return all_finite_tensors([v for v in state.values() if isinstance(v, torch.Tensor)])
 

@@ -1,5 +1,5 @@
-"""Config keys of the reliability features, and config merging whose errors name the
-key, the file and the value, with close matches for misspelt keys.
+"""Config merging whose errors name the key, the file and the value, with close matches for
+misspelt keys, and checks of the values that a merge cannot check.
 
 Detectron2 (yacs) reports an unknown key as ``KeyError: 'Non-existent config key: X'``
 (from a file) or ``AssertionError: Non-existent key: X`` (from ``KEY VALUE`` overrides),
@@ -18,10 +18,10 @@ import re
 
 from detectron2.config import CfgNode
 
+from ..data.transforms import check_resize_backend
+
 __all__ = [
-    "add_reliability_config",
     "check_solver_steps",
-    "cfg_get",
     "merge_config_file",
     "merge_config_list",
     "all_config_keys",
@@ -32,46 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def add_reliability_config(cfg: CfgNode) -> CfgNode:
-    """Add the keys of the reliability features to ``cfg`` in place; idempotent.
-
-    * ``MODEL.REINIT_HEAD_ON_CLASS_MISMATCH`` (False): when ``MODEL.WEIGHTS`` has a
-      classification layer (``*cls_score*``) for another number of classes, re-initialize
-      it (fine-tuning on a new dataset) instead of refusing the weights.
-    * ``DATALOADER.MAX_CONSECUTIVE_FAILURES`` (10): training images that cannot be read
-      are skipped with a warning (another image takes their place); this many failures in a
-      row stop the run with an error listing them.
-    * ``DATASETS.CHECK_IMAGES`` ("exists"): what is checked of each image when a dataset is
-      loaded: "none", "exists" (the file exists), or "size" (also reads the image header
-      and compares its size with the json's width/height).
-    """
-    if "REINIT_HEAD_ON_CLASS_MISMATCH" not in cfg.MODEL:
-        cfg.MODEL.REINIT_HEAD_ON_CLASS_MISMATCH = False
-    if "MAX_CONSECUTIVE_FAILURES" not in cfg.DATALOADER:
-        cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES = 10
-    if "CHECK_IMAGES" not in cfg.DATASETS:
-        cfg.DATASETS.CHECK_IMAGES = "exists"
-    return cfg
-
-
-_DEFAULTS = {
-    "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH": False,
-    "DATALOADER.MAX_CONSECUTIVE_FAILURES": 10,
-    "DATASETS.CHECK_IMAGES": "exists",
-}
-
-
-def cfg_get(cfg, key, default=None):
-    """``cfg.A.B`` for ``key="A.B"``, or the default of :func:`add_reliability_config`
-    (or ``default``) when the config lacks the key."""
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _DEFAULTS.get(key, default)
-        node = node[part]
-    return node
 
 
 class ConfigError(Exception):
@@ -175,15 +135,11 @@ def _missing_file_error(path, what):
 def check_config_values(cfg, source="config"):
     """Check the keys of this project whose value is one of a few choices (``INPUT.RESIZE_BACKEND``:
     see ``gfocalv2/data/transforms.py``); a bad value is a :class:`ConfigValueError` naming
-    ``source``, the key, the value and the allowed values. Keys the config lacks are skipped."""
-    from ..data.transforms import RESIZE_BACKEND_KEY, check_resize_backend
-
-    value = cfg_get(cfg, RESIZE_BACKEND_KEY)
-    if value is not None:
-        try:
-            check_resize_backend(value, source)
-        except ValueError as e:
-            raise ConfigValueError(str(e)) from None
+    ``source``, the key, the value and the allowed values."""
+    try:
+        check_resize_backend(cfg.INPUT.RESIZE_BACKEND, source)
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
     return cfg
 
 
@@ -251,7 +207,7 @@ def check_solver_steps(cfg: CfgNode) -> CfgNode:
     Other schedulers do not read SOLVER.STEPS and are left alone. Returns ``cfg``.
     """
     solver = cfg.SOLVER
-    if solver.get("LR_SCHEDULER_NAME", "WarmupMultiStepLR") != "WarmupMultiStepLR":
+    if solver.LR_SCHEDULER_NAME != "WarmupMultiStepLR":
         return cfg
     steps = tuple(solver.STEPS)
     if any(s <= 0 for s in steps):

@@ -276,7 +276,7 @@ def launch_from_args(main_func, args, *, prepare=None):
     every process then reads), then :func:`launch` ``main_func(args)`` on the config's device."""
     import sys
 
-    from .defaults import build_cfg
+    from .config_setup import build_cfg
 
     try:
         cfg = build_cfg(args.config_file, args.opts, getattr(args, "register_coco", None) or ())

@@ -1,6 +1,6 @@
 """Stopping every process of a run together: after a failure in any one of them, or on SIGTERM /
 SIGINT, with the last good state saved by rank 0 before any process exits. Used by
-:class:`~gfocalv2.engine.reliability.ReliableTrainerMixin` and the CPU launcher of
+:class:`~gfocalv2.engine.trainer.Trainer` and the CPU launcher of
 :mod:`gfocalv2.engine.distributed`; with one process, only the signal handling remains.
 """
 import logging
@@ -28,7 +28,7 @@ def stop_signal():
 
 class StopSignals:
     """SIGTERM / SIGINT (preemption, Ctrl-C) only record that the process should stop: the trainer
-    finishes the current step in every process, saves it and stops (see ``reliability``).
+    finishes the current step in every process, saves it and stops (see ``engine/trainer.py``).
 
     A context manager; installed for the whole life of a worker process (so a signal that comes
     before training starts is not lost), and by ``Trainer.train()`` otherwise. Only the main thread

@@ -33,7 +33,6 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from .backbone.resnet import DeformConv2d, EvalBatchNorm2d
 
 __all__ = [
-    "add_inference_optimization_config",
     "fold_batchnorm",
     "to_channels_last",
     "resolve_memory_format",
@@ -47,17 +46,6 @@ logger = logging.getLogger(__name__)
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 #: Set on every convolution that absorbed its norm; checkpointers refuse such models.
 FOLDED_ATTR = "batchnorm_folded"
-
-
-def add_inference_optimization_config(cfg):
-    """``TEST.FOLD_BATCHNORM`` (default True) and ``TEST.MEMORY_FORMAT`` ("auto": channels
-    last on CPU, where it was measured faster, and contiguous elsewhere; "channels_last";
-    "contiguous")."""
-    if "FOLD_BATCHNORM" not in cfg.TEST:
-        cfg.TEST.FOLD_BATCHNORM = True
-    if "MEMORY_FORMAT" not in cfg.TEST:
-        cfg.TEST.MEMORY_FORMAT = "auto"
-    return cfg
 
 
 def _has_fixed_statistics(norm: nn.Module) -> bool:
@@ -122,11 +110,11 @@ def optimize_for_inference(model: nn.Module, cfg, memory_format=None) -> nn.Modu
     """Apply ``cfg.TEST.FOLD_BATCHNORM`` and ``cfg.TEST.MEMORY_FORMAT`` (or ``memory_format``,
     when given) to ``model``, in place; puts it in eval mode and returns it."""
     model.eval()
-    if cfg.TEST.get("FOLD_BATCHNORM", False):
+    if cfg.TEST.FOLD_BATCHNORM:
         n = fold_batchnorm(model)
         logger.debug("Folded %d BatchNorms into their convolutions", n)
     if memory_format is None:
-        memory_format = cfg.TEST.get("MEMORY_FORMAT", "contiguous")
+        memory_format = cfg.TEST.MEMORY_FORMAT
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     if resolve_memory_format(memory_format, device) == "channels_last":
@@ -139,7 +127,7 @@ def optimized_copy(model: nn.Module, cfg) -> nn.Module:
     during or after training; ``model`` itself is left as it is."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
-    if not (cfg.TEST.get("FOLD_BATCHNORM", False) or cfg.TEST.get("MEMORY_FORMAT", "contiguous") != "contiguous"):
+    if not (cfg.TEST.FOLD_BATCHNORM or cfg.TEST.MEMORY_FORMAT != "contiguous"):
         return model
     duplicate = copy.deepcopy(model)
     for p in duplicate.parameters():  # gradients of the training step are not needed (memory)

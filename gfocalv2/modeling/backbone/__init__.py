@@ -14,7 +14,6 @@ from .fpn import LastLevelP6P7FromP5, build_gfocal_fpn, build_gfocal_resnet_fpn_
 from .res2net import (
     Bottle2neckBlock,
     DeepStem,
-    add_res2net_config,
     build_gfocal_res2net_backbone,
     build_gfocal_res2net_fpn_backbone,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "build_gfocal_resnet_fpn_backbone",
     "Bottle2neckBlock",
     "DeepStem",
-    "add_res2net_config",
     "build_gfocal_res2net_backbone",
     "build_gfocal_res2net_fpn_backbone",
 ]

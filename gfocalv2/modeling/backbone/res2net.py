@@ -30,7 +30,7 @@ Parameter names, Detectron2 style::
     res{2..5}.0.shortcut (+ .norm)         1x1 after the average pool
 
 Config: ``MODEL.RES2NET.SCALES`` and ``MODEL.RES2NET.BASE_WIDTH`` (see
-:func:`add_res2net_config`); everything else is read from ``MODEL.RESNETS``
+:mod:`gfocalv2.config`); everything else is read from ``MODEL.RESNETS``
 (DEPTH 50/101/152, NORM, OUT_FEATURES, STEM_OUT_CHANNELS, RES2_OUT_CHANNELS,
 DEFORM_ON_PER_STAGE, DEFORM_MODULATED, DEFORM_NUM_GROUPS) and
 ``MODEL.BACKBONE.FREEZE_AT``, with the same meaning as for ResNet.
@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.config import CfgNode as CN
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import ResNet
@@ -50,7 +49,6 @@ from detectron2.modeling.backbone.resnet import ResNet
 from .resnet import DeformConv2d, deform_conv_forward, resolve_norm
 
 __all__ = [
-    "add_res2net_config",
     "DeepStem",
     "Bottle2neckBlock",
     "build_gfocal_res2net_backbone",
@@ -58,24 +56,6 @@ __all__ = [
 ]
 
 RES2NET_BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
-
-
-def add_res2net_config(cfg):
-    """Add ``MODEL.RES2NET`` (Res2Net-specific keys) to a Detectron2 config, in place; return it.
-
-    * ``SCALES`` (4): number of splits of each bottleneck's 3x3 stage.
-    * ``BASE_WIDTH`` (26): channels per split in res2; doubled in each later stage
-      (width = floor(planes * BASE_WIDTH / 64), planes = 64, 128, 256, 512).
-
-    Res2Net-101-v1d-26w-4s is SCALES 4, BASE_WIDTH 26 with ``MODEL.RESNETS.DEPTH`` 101.
-    Calling it twice is harmless.
-    """
-    if "RES2NET" in cfg.MODEL:
-        return cfg
-    cfg.MODEL.RES2NET = CN()
-    cfg.MODEL.RES2NET.SCALES = 4
-    cfg.MODEL.RES2NET.BASE_WIDTH = 26
-    return cfg
 
 
 class DeepStem(CNNBlockBase):
@@ -235,8 +215,6 @@ def build_gfocal_res2net_backbone(cfg, input_shape):
         :class:`Bottle2neckBlock` stages.
     """
     r = cfg.MODEL.RESNETS
-    if "RES2NET" not in cfg.MODEL:
-        raise KeyError("cfg.MODEL.RES2NET is missing: call gfocalv2.modeling.backbone.add_res2net_config(cfg)")
     scales, base_width = cfg.MODEL.RES2NET.SCALES, cfg.MODEL.RES2NET.BASE_WIDTH
     if r.DEPTH not in RES2NET_BLOCKS_PER_STAGE:
         raise ValueError(f"Res2Net depth must be one of {sorted(RES2NET_BLOCKS_PER_STAGE)}, got {r.DEPTH}")

@@ -16,24 +16,15 @@ Then use the names in ``DATASETS.TRAIN`` / ``DATASETS.TEST`` and set
 import logging
 import os
 
-from detectron2.config import CfgNode
-
 __all__ = [
-    "add_workflow_config",
     "register_coco_datasets",
     "check_datasets_registered",
     "get_thing_classes",
+    "check_num_classes",
+    "NUM_CLASSES_KEYS",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def add_workflow_config(cfg: CfgNode) -> CfgNode:
-    """Add this workflow's keys (``DATASETS.REGISTER_COCO``) to ``cfg`` in place; idempotent."""
-    if "REGISTER_COCO" not in cfg.DATASETS:
-        # List of [NAME, JSON_FILE, IMAGE_DIR] triples registered with register_coco_instances.
-        cfg.DATASETS.REGISTER_COCO = []
-    return cfg
 
 
 def _normalize_entries(entries, source):
@@ -112,3 +103,34 @@ def get_thing_classes(dataset_name):
         DatasetCatalog.get(dataset_name)  # load_coco_json fills in thing_classes
         classes = getattr(MetadataCatalog.get(dataset_name), "thing_classes", None)
     return classes
+
+
+#: Where each meta-architecture reads its number of classes (others are not checked).
+NUM_CLASSES_KEYS = {
+    "GFocalV2": "MODEL.GFOCAL.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "D2FCOS": "MODEL.RETINANET.NUM_CLASSES",  # gfocalv2.modeling.baselines
+    "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+}
+
+
+def check_num_classes(cfg, dataset_name):
+    """Error if the dataset has more classes than the model predicts; warn if fewer."""
+    key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
+    if key is None:
+        return
+    classes = get_thing_classes(dataset_name)
+    if classes is None:
+        return
+    n = cfg
+    for part in key.split("."):
+        n = n[part]
+    if len(classes) > n:
+        raise ValueError(
+            f"Dataset {dataset_name!r} has {len(classes)} classes but {key} is {n}; set {key} {len(classes)}"
+        )
+    if len(classes) < n:
+        logger.warning(
+            "Dataset %r has %d classes but %s is %d (the extra outputs are never positive)",
+            dataset_name, len(classes), key, n,
+        )

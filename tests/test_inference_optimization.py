@@ -167,7 +167,7 @@ def test_config_defaults_and_memory_format_choices():
 
 
 def test_bad_memory_format_fails_when_the_config_is_built():
-    from gfocalv2.engine.defaults import build_cfg
+    from gfocalv2.engine import build_cfg
 
     with pytest.raises(ValueError, match="TEST.MEMORY_FORMAT must be one of .*'nhwc'"):
         build_cfg("configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "nhwc"])

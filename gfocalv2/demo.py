@@ -1,12 +1,16 @@
 """Run a trained GFocalV2 on images or a video and draw the detections (Detectron2's demo).
 
-    python -m gfocalv2.demo --config-file projects/DigitScenes/configs/gfocalv2_R_18_digits.yaml \\
+    python -m gfocalv2.demo --config-file configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml \\
         --input img.png some_dir/ 'scenes/*.png' --output out/ \\
-        --confidence-threshold 0.3 --opts MODEL.WEIGHTS output/digit_scenes/model_final.pth
-    python -m gfocalv2.demo --config-file ... --video-input clip.mp4 --output out/ --opts MODEL.WEIGHTS w.pth
+        --confidence-threshold 0.3 --opts MODEL.WEIGHTS model_final.pth
+    python -m gfocalv2.demo --config-file ... --video-input clip.mp4 --output out/ \\
+        --opts MODEL.WEIGHTS w.pth
 
-Class names come from ``MetadataCatalog`` of ``DATASETS.TEST[0]`` (the DigitScenes datasets
-are registered automatically when the config names them; others via ``--register-coco``).
+Class names come from ``MetadataCatalog`` of ``DATASETS.TEST[0]``: Detectron2's builtin
+datasets (COCO, ...) are known, a COCO-format dataset is registered with ``--register-coco``;
+a project whose datasets are made by code registers them in its own script, then calls
+:func:`main` (as Detectron2's projects do). When the config's datasets are not registered,
+a warning says so and the detections are drawn with class indices.
 A missing input or an unreadable image is reported by name and skipped; the exit status is
 1 when nothing could be processed.
 """
@@ -21,7 +25,11 @@ import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFoc
 
 import numpy as np
 
-from .engine.defaults import add_register_coco_argument
+from .engine.arguments import (
+    add_config_file_argument,
+    add_opts_argument,
+    add_register_coco_argument,
+)
 
 __all__ = ["get_parser", "setup_demo_cfg", "expand_inputs", "VisualizationDemo", "main"]
 
@@ -32,11 +40,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 def get_parser():
     parser = argparse.ArgumentParser(
-        description="GFocalV2 demo: detect objects in images or a video and draw them with Detectron2's Visualizer",
+        description="GFocalV2 demo: detect objects in images or a video and draw them with "
+        "Detectron2's Visualizer",
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
+    add_config_file_argument(parser)
     parser.add_argument(
         "--input", nargs="+", default=[], help="image files, directories (all images inside) or quoted glob patterns"
     )
@@ -47,29 +56,11 @@ def get_parser():
         "Without it, nothing is drawn, detections are only printed.",
     )
     parser.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score of drawn detections")
-    add_register_coco_argument(parser, "register a COCO-format dataset (for its class names); repeatable")
-    parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS w.pth"
+    add_register_coco_argument(
+        parser, help="register a COCO-format dataset (for its class names); repeatable"
     )
+    add_opts_argument(parser)
     return parser
-
-
-def _register_known_projects(cfg):
-    """Register project datasets named in the config that generate themselves (DigitScenes)."""
-    from detectron2.data import DatasetCatalog
-
-    names = [n for n in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN) if n not in DatasetCatalog.list()]
-    if any(n.startswith("digit_scenes") for n in names):
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        project = os.path.join(here, "projects", "DigitScenes")
-        if os.path.isdir(project) and project not in sys.path:
-            sys.path.insert(0, project)
-        try:
-            from digit_scenes import register_digit_scenes
-        except ImportError:
-            logger.warning("DATASETS names DigitScenes but projects/DigitScenes is not importable; class names unknown")
-            return
-        register_digit_scenes()
 
 
 def setup_demo_cfg(args):
@@ -81,7 +72,6 @@ def setup_demo_cfg(args):
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = min(cfg.MODEL.RETINANET.SCORE_THRESH_TEST, args.confidence_threshold)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = min(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, args.confidence_threshold)
     cfg.freeze()
-    _register_known_projects(cfg)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist")
@@ -117,6 +107,28 @@ def expand_inputs(inputs):
     return files, problems
 
 
+def _warn_if_class_names_unknown(cfg, metadata):
+    """A warning when the class names are not those of a dataset of the config."""
+    from detectron2.data import DatasetCatalog
+
+    datasets = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    if metadata.name in datasets:
+        return
+    unregistered = [n for n in datasets if n not in DatasetCatalog.list()]
+    if unregistered:
+        why = f"the config's datasets {', '.join(map(repr, unregistered))} are not registered"
+    elif datasets:
+        why = "the config's datasets have no class names (thing_classes)"
+    else:
+        why = "the config names no dataset (DATASETS.TEST / DATASETS.TRAIN)"
+    logger.warning(
+        "Class names unknown: %s; detections are labelled with class indices. Register the "
+        "dataset with --register-coco NAME JSON IMAGE_DIR, or run the demo from a script that "
+        "registers its datasets before calling gfocalv2.demo.main.",
+        why,
+    )
+
+
 class VisualizationDemo:
     """DefaultPredictor + Visualizer with the dataset's class names."""
 
@@ -127,6 +139,7 @@ class VisualizationDemo:
         self.cfg = cfg
         self.threshold = confidence_threshold
         self.metadata = metadata_for(cfg)
+        _warn_if_class_names_unknown(cfg, self.metadata)
         self.predictor = Predictor(cfg)
 
     def run_on_image(self, image_bgr):
@@ -246,14 +259,19 @@ def _run_video(demo, args):
     return frames
 
 
-def main(argv=None):
+def main(argv=None, parser=None):
+    """Run the demo on ``argv`` (default: the command line); returns the exit status.
+
+    ``parser``: default :func:`get_parser`; a project's script may pass that parser extended
+    with flags of its own (which the demo ignores), e.g. after registering its datasets."""
     from detectron2.utils.logger import setup_logger
 
-    args = get_parser().parse_args(argv)
+    parser = parser or get_parser()
+    args = parser.parse_args(argv)
     setup_logger(name="fvcore")
     setup_logger(name="gfocalv2")
     if not args.input and not args.video_input:
-        get_parser().error("give --input and/or --video-input")
+        parser.error("give --input and/or --video-input")
     cfg = setup_demo_cfg(args)
     demo = VisualizationDemo(cfg, args.confidence_threshold)
     ok = 0

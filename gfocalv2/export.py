@@ -38,6 +38,11 @@ from torch import Tensor, nn
 import gfocalv2  # noqa: F401  (compat layer + registrations before other detectron2 imports)
 from detectron2.structures import ImageList
 
+from .engine.arguments import (
+    add_config_file_argument,
+    add_opts_argument,
+    add_register_coco_argument,
+)
 from .modeling.inference_optimization import optimize_for_inference
 
 __all__ = [
@@ -193,7 +198,7 @@ def load_image(path: str, cfg) -> Tensor:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default="", metavar="FILE")
+    add_config_file_argument(p)
     p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     p.add_argument("--output", required=True, help="output directory (created if needed)")
     p.add_argument("--sample-image", default="", help="image to trace with (resized as at test time)")
@@ -202,25 +207,25 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--box-atol", type=float, default=0.05, help="pixels (default 0.05)")
     p.add_argument("--score-atol", type=float, default=1e-4)
-    p.add_argument("--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"))
-    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
+    add_register_coco_argument(p)
+    add_opts_argument(p)
     return p
 
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[export] %(message)s")
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from .engine.defaults import build_cfg
+    from .engine import build_cfg
+    from .engine.checkpoint import load_weights
 
     cfg = build_cfg(args.config_file, args.opts, args.register_coco, freeze=False)
     cfg.MODEL.DEVICE = "cpu"  # exported on CPU; the graph itself is device-agnostic for TorchScript
     cfg.freeze()
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        load_weights(model, cfg)  # missing/unreadable file, other architecture or classes: named
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialized model")
 

@@ -47,10 +47,11 @@ def test_optimize_applies_to_the_models_it_names(mode):
 
     from detectron2.layers import FrozenBatchNorm2d
 
-    from gfocalv2.benchmark import _retinanet, apply_inference_optimizations
+    from gfocalv2.benchmark import apply_inference_optimizations
+    from gfocalv2.modeling.baselines import detectron2_retinanet
 
     cfg = gfocal_cfg("MODEL.RESNETS.NORM", "FrozenBN", tiny=True)
-    models = OrderedDict(gfocalv2=build_model(cfg), retinanet=_retinanet(cfg))
+    models = OrderedDict(gfocalv2=build_model(cfg), retinanet=detectron2_retinanet(cfg))
     described = apply_inference_optimizations(models, cfg, mode)
     optimized = {"ours": {"gfocalv2"}, "all": {"gfocalv2", "retinanet"}, "none": set()}[mode]
     for name, model in models.items():

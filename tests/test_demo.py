@@ -99,3 +99,39 @@ def test_demo_video(setup, tmp_path):
     while result.read()[0]:
         frames += 1
     assert frames == 3
+
+
+def test_demo_warns_when_class_names_are_unknown(setup, tmp_path):
+    """A config whose datasets are not registered: a warning naming them, numbered classes."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("gfocalv2.demo")
+    logger.addHandler(handler)
+    try:
+        argv = _argv(setup, "--input", os.path.join(setup["images"], "000000.png"),
+                     "--output", str(tmp_path / "out"))
+        argv += ["DATASETS.TEST", "('unregistered_val',)", "DATASETS.TRAIN", "()"]
+        assert demo.main(argv) == 0
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("Class names unknown" in m and "'unregistered_val'" in m for m in warnings), warnings
+
+
+def test_digit_scenes_demo_script_help(tmp_path):
+    """projects/DigitScenes/demo.py: the demo's flags and --data-root; --help makes no data."""
+    import subprocess
+    import sys
+
+    from helpers_workflow import REPO
+
+    script = REPO / "projects" / "DigitScenes" / "demo.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    for flag in ("--config-file", "--input", "--register-coco", "--opts", "--data-root"):
+        assert flag in out.stdout, flag
+    assert not (tmp_path / "datasets").exists()

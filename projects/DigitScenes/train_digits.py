@@ -19,12 +19,12 @@ sys.path.insert(0, _HERE)  # the digit_scenes package next to this script
 
 import gfocalv2  # noqa: E402,F401  (first: Detectron2 compatibility + registers GFocalV2)
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from digit_scenes import register_digit_scenes  # noqa: E402
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser  # noqa: E402
+from gfocalv2.engine.checkpoint import checkpointer_for  # noqa: E402
 from gfocalv2.engine.distributed import launch_from_args  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_HERE, "configs", "gfocalv2_R_18_digits.yaml")
@@ -159,7 +159,10 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # Checked loading: a missing or unreadable file, another architecture or class count
+        # is an error that names it.
+        checkpointer = checkpointer_for(cfg, model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         weights = cfg.MODEL.WEIGHTS
     else:
@@ -205,10 +208,12 @@ def main(args):
 
     test_set = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "digit_scenes_val"
     val_images = MetadataCatalog.get(test_set).get("image_root", "datasets/digit_scenes/val")
+    demo_script = _short(os.path.join(_HERE, "demo.py"))  # registers DigitScenes, runs the demo
+    data_root = f" --data-root {_short(os.path.abspath(args.data_root))}" if args.data_root else ""
     lines += [
         f"  full config       {config_used}",
         "Run the demo tool on any image with it:",
-        f"  python -m gfocalv2.demo --config-file {_short(config_used)} "
+        f"  python {demo_script} --config-file {_short(config_used)}{data_root} "
         f"--input {_short(os.path.join(val_images, '000000.png'))} "
         f"--output {_short(os.path.join(output_dir, 'demo'))} --opts MODEL.WEIGHTS {_short(os.path.abspath(weights))}",
         "=" * 78,

@@ -26,7 +26,6 @@ import shutil
 import tempfile
 import time
 
-from . import fcos as _fcos  # noqa: F401  (registers "D2FCOS", for the comparison configs)
 from .generate import CLASS_NAMES, DEFAULT_PARAMS, GENERATOR_VERSION, generate_dataset, params_stamp
 
 __all__ = [

@@ -18,6 +18,7 @@
 
 Trailing ``KEY VALUE`` pairs override the config; they must come after all ``--flags``.
 """
+
 import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFocalV2)
 
 from detectron2.evaluation import verify_results
@@ -33,7 +34,9 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # checked load: a missing file, another architecture or class count is a clear error
-        checkpointer_for(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer_for(cfg, model, cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

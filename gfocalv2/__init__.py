@@ -6,13 +6,14 @@ Importing this package
   2. registers ``GFocalV2`` in ``META_ARCH_REGISTRY`` and this project's backbones in
      ``BACKBONE_REGISTRY``.
 """
+
 __version__ = "0.1.0"
 
 from . import compat as _compat
 
 _compat.apply()
 
-from .config import add_gfocalv2_config  # noqa: E402
 from . import modeling  # noqa: E402,F401  (registers the meta-architecture and backbones)
+from .config import add_gfocalv2_config  # noqa: E402
 
 __all__ = ["add_gfocalv2_config", "__version__"]

@@ -36,6 +36,7 @@ What was applied is recorded in :data:`COMPAT_STATE` (``collect_env``-style
 reports and the tests read it). The needs are read from Detectron2's source
 files, without importing the modules that would fail.
 """
+
 import importlib
 import importlib.util
 import logging
@@ -45,7 +46,13 @@ import sys
 import types
 import warnings
 
-__all__ = ["apply", "has_compiled_ops", "CompiledOpsUnavailable", "COMPAT_STATE", "create_local_process_group"]
+__all__ = [
+    "apply",
+    "has_compiled_ops",
+    "CompiledOpsUnavailable",
+    "COMPAT_STATE",
+    "create_local_process_group",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,14 @@ logger = logging.getLogger(__name__)
 COMPAT_STATE = {"applied": False, "compiled_ops": None, "patches": []}
 
 #: NumPy aliases removed in NumPy 1.24 (builtins they aliased); Detectron2 v0.6 uses some of them.
-_NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "complex": complex, "object": object, "str": str}
+_NUMPY_ALIASES = {
+    "bool": bool,
+    "int": int,
+    "float": float,
+    "complex": complex,
+    "object": object,
+    "str": str,
+}
 
 
 class CompiledOpsUnavailable(ImportError):
@@ -142,7 +156,9 @@ class _CompiledOpsStandIn(types.ModuleType):
 def _install_compiled_ops_standin():
     import detectron2
 
-    standin = _CompiledOpsStandIn("detectron2._C", "Stand-in for Detectron2's missing compiled ops (gfocalv2.compat)")
+    standin = _CompiledOpsStandIn(
+        "detectron2._C", "Stand-in for Detectron2's missing compiled ops (gfocalv2.compat)"
+    )
     sys.modules["detectron2._C"] = standin
     detectron2._C = standin
     COMPAT_STATE["patches"].append("detectron2._C stand-in")
@@ -163,7 +179,9 @@ def _use_pycocotools_for_fast_eval():
 def _restore_pillow_linear():
     from PIL import Image
 
-    if hasattr(Image, "LINEAR") or "Image.LINEAR" not in _detectron2_source("data/transforms/transform.py"):
+    if hasattr(Image, "LINEAR") or "Image.LINEAR" not in _detectron2_source(
+        "data/transforms/transform.py"
+    ):
         return
     Image.LINEAR = Image.BILINEAR
     COMPAT_STATE["patches"].append("PIL.Image.LINEAR")
@@ -172,7 +190,9 @@ def _restore_pillow_linear():
 def _restore_numpy_aliases():
     import numpy as np
 
-    missing = [name for name in _NUMPY_ALIASES if name not in vars(np)]  # vars(): no deprecation warnings
+    missing = [
+        name for name in _NUMPY_ALIASES if name not in vars(np)
+    ]  # vars(): no deprecation warnings
     if not missing:
         return
     used = _detectron2_numpy_aliases_used()
@@ -192,7 +212,9 @@ def _provide_pkg_resources():
     def resource_filename(package, resource):
         return str(importlib.resources.files(package).joinpath(resource))
 
-    shim = types.ModuleType("pkg_resources", "Minimal stand-in for setuptools' pkg_resources (gfocalv2.compat)")
+    shim = types.ModuleType(
+        "pkg_resources", "Minimal stand-in for setuptools' pkg_resources (gfocalv2.compat)"
+    )
     shim.resource_filename = resource_filename
     sys.modules["pkg_resources"] = shim
     COMPAT_STATE["patches"].append("pkg_resources.resource_filename")
@@ -210,7 +232,9 @@ def create_local_process_group(num_workers_per_machine, machine_rank):
     if hasattr(comm, "create_local_process_group"):
         return comm.create_local_process_group(num_workers_per_machine)
     for i in range(dist.get_world_size() // num_workers_per_machine):
-        group = dist.new_group(list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine)))
+        group = dist.new_group(
+            list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine))
+        )
         if i == machine_rank:  # every process creates every group, in the same order
             comm._LOCAL_PROCESS_GROUP = group
     return comm._LOCAL_PROCESS_GROUP
@@ -251,8 +275,12 @@ def _quiet_comm_typed_storage():
     # process of a multi-process run. Ignored for warnings attributed to that module only.
     if "ByteStorage.from_buffer" not in _detectron2_source("utils/comm.py"):
         return
-    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
-                            module=r"detectron2\.utils\.comm")
+    warnings.filterwarnings(
+        "ignore",
+        message="TypedStorage is deprecated",
+        category=UserWarning,
+        module=r"detectron2\.utils\.comm",
+    )
     COMPAT_STATE["patches"].append("TypedStorage warning of detectron2.utils.comm")
 
 

@@ -7,6 +7,7 @@ their recipe also fixes. This module imports nothing from the package: the code 
 reads a key reads it directly (``cfg.TEST.FOLD_BATCHNORM``), and checks of the values live
 next to that code.
 """
+
 import os
 
 from detectron2.config import CfgNode as CN

@@ -30,6 +30,7 @@ shape mismatch is an error naming both keys. The target model is built from
 ``--config-file`` if given, otherwise from the architecture found in the source
 (depth, ResNeXt groups, deformable stages, number of classes, reg_max, DGQP).
 """
+
 import argparse
 import logging
 import re
@@ -241,7 +242,9 @@ def detect_backbone(state: Dict[str, torch.Tensor]) -> BackboneInfo:
             elif off.shape[0] % 18 == 0:
                 info.deform_modulated, info.deform_num_groups = False, off.shape[0] // 18
             else:
-                raise ConversionError(f"{offset_fmt.format(i)}: {off.shape[0]} offset channels, expected 18 x G or 27 x G")
+                raise ConversionError(
+                    f"{offset_fmt.format(i)}: {off.shape[0]} offset channels, expected 18 x G or 27 x G"
+                )
     info.deform_on_per_stage = tuple(deform)
     return info
 
@@ -266,7 +269,10 @@ def rename_backbone_key(key: str, family: str) -> Optional[str]:
         if family == "res2net":
             rules += [
                 (r"^convs\.(\d+)\.weight$", lambda r: f"conv2.{r.group(1)}.weight"),
-                (r"^convs\.(\d+)\.conv_offset\.(weight|bias)$", lambda r: f"conv2_offset.{r.group(1)}.{r.group(2)}"),
+                (
+                    r"^convs\.(\d+)\.conv_offset\.(weight|bias)$",
+                    lambda r: f"conv2_offset.{r.group(1)}.{r.group(2)}",
+                ),
                 (r"^bns\.(\d+)\.(.+)$", lambda r: f"conv2.{r.group(1)}.norm.{r.group(2)}"),
                 (r"^downsample\.1\.weight$", lambda r: "shortcut.weight"),
                 (r"^downsample\.2\.(.+)$", lambda r: f"shortcut.norm.{r.group(1)}"),
@@ -375,7 +381,9 @@ def convert_mmdet(
             report.unmatched.append("backbone." + k)
     report.converted = [("backbone." + s, t) for s, t in report.converted]
     report.dropped = [("backbone." + s, r) for s, r in report.dropped]
-    report.unmatched = [k if k.startswith("backbone.") else "backbone." + k for k in report.unmatched]
+    report.unmatched = [
+        k if k.startswith("backbone.") else "backbone." + k for k in report.unmatched
+    ]
 
     n_in = len(fpn_levels)
     top = {n_in: "top_block.p6", n_in + 1: "top_block.p7"}
@@ -426,7 +434,9 @@ def convert_mmdet(
             expect = torch.linspace(0, v.numel() - 1, v.numel())
             if not torch.allclose(v.float(), expect):
                 raise ConversionError(f"{k} is not 0..reg_max: {v.tolist()}")
-            report.dropped.append((k, "the constant 0..reg_max projection of the Integral layer, recomputed"))
+            report.dropped.append(
+                (k, "the constant 0..reg_max projection of the Integral layer, recomputed")
+            )
             continue
         if new is None:
             report.unmatched.append(k)
@@ -436,7 +446,12 @@ def convert_mmdet(
     return out, report
 
 
-def check_against_model(converted: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor], report: ConversionReport, source_of=None):
+def check_against_model(
+    converted: Dict[str, torch.Tensor],
+    target: Dict[str, torch.Tensor],
+    report: ConversionReport,
+    source_of=None,
+):
     """Compare converted tensors with a target state dict: shape mismatches raise, the rest is reported."""
     source_of = source_of or {t: s for s, t in report.converted}
     for k, v in converted.items():
@@ -457,7 +472,16 @@ def check_against_model(converted: Dict[str, torch.Tensor], target: Dict[str, to
 # --------------------------------------------------------------------------- target model
 
 
-def build_target_cfg(info: BackboneInfo, *, detector: bool, num_classes=80, reg_max=16, dgqp=None, config_file=None, opts=()):
+def build_target_cfg(
+    info: BackboneInfo,
+    *,
+    detector: bool,
+    num_classes=80,
+    reg_max=16,
+    dgqp=None,
+    config_file=None,
+    opts=(),
+):
     """A Detectron2 config for the converted weights: ``config_file`` + ``opts`` if given, else
     ``configs/Base-GFocalV2.yaml`` with the backbone ``info`` describes and the head's sizes."""
     from gfocalv2.config import config_file_path
@@ -495,8 +519,9 @@ def build_target_cfg(info: BackboneInfo, *, detector: bool, num_classes=80, reg_
 
 def build_target_state(cfg, detector: bool) -> Dict[str, torch.Tensor]:
     """State dict (shapes only matter) of the model ``cfg`` describes, or of its bottom-up backbone."""
-    import gfocalv2  # noqa: F401
     from detectron2.layers import ShapeSpec
+
+    import gfocalv2  # noqa: F401
 
     if detector:
         from detectron2.modeling import build_model
@@ -506,16 +531,24 @@ def build_target_state(cfg, detector: bool) -> Dict[str, torch.Tensor]:
         from gfocalv2.modeling.backbone.res2net import build_gfocal_res2net_backbone
         from gfocalv2.modeling.backbone.resnet import build_gfocal_resnet_backbone
 
-        build = build_gfocal_res2net_backbone if "res2net" in cfg.MODEL.BACKBONE.NAME else build_gfocal_resnet_backbone
+        build = (
+            build_gfocal_res2net_backbone
+            if "res2net" in cfg.MODEL.BACKBONE.NAME
+            else build_gfocal_resnet_backbone
+        )
         bottom_up = build(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
-        return OrderedDict(("backbone.bottom_up." + k, v) for k, v in bottom_up.state_dict().items())
+        return OrderedDict(
+            ("backbone.bottom_up." + k, v) for k, v in bottom_up.state_dict().items()
+        )
     return model.state_dict()
 
 
 def _infer_head(state):
     """(num classes incl. a possible background channel, reg_max, dgqp tuple or None) of an mmdet state dict."""
     if "bbox_head.gfl_cls.weight" not in state or "bbox_head.gfl_reg.weight" not in state:
-        raise ConversionError("not a GFL/GFocalV2 checkpoint: bbox_head.gfl_cls / bbox_head.gfl_reg missing")
+        raise ConversionError(
+            "not a GFL/GFocalV2 checkpoint: bbox_head.gfl_cls / bbox_head.gfl_reg missing"
+        )
     n_cls = state["bbox_head.gfl_cls.weight"].shape[0]
     n_reg = state["bbox_head.gfl_reg.weight"].shape[0]
     if n_reg % 4:
@@ -530,20 +563,36 @@ def _infer_head(state):
     return n_cls, reg_max, dgqp
 
 
-def convert_file(kind: str, src: str, dst: str, *, arch=None, config_file=None, opts=(), num_classes=None, strict=True):
+def convert_file(
+    kind: str,
+    src: str,
+    dst: str,
+    *,
+    arch=None,
+    config_file=None,
+    opts=(),
+    num_classes=None,
+    strict=True,
+):
     """Convert ``src`` into the Detectron2 checkpoint ``dst``; returns the ConversionReport."""
     state, meta = load_source(src)
     if kind == "mmdet":
         backbone_state = _strip_prefix(state, "backbone.")
     else:
-        backbone_state = _strip_prefix(state, "backbone.") if state and all(k.startswith("backbone.") for k in state) else state
+        backbone_state = (
+            _strip_prefix(state, "backbone.")
+            if state and all(k.startswith("backbone.") for k in state)
+            else state
+        )
     info = detect_backbone(backbone_state)
     logger.info("source backbone: %s (%s)", info.arch, info)
     if arch is not None:
         family, depth, groups, width = ARCHS[arch]
         found = (info.family, info.depth, info.num_groups, info.width_per_group)
         if found != (family, depth, groups, width):
-            raise ConversionError(f"--arch {arch} does not match the source backbone, which is {info.arch} {found}")
+            raise ConversionError(
+                f"--arch {arch} does not match the source backbone, which is {info.arch} {found}"
+            )
     detector = kind == "mmdet"
     if detector:
         n_cls, reg_max, dgqp = _infer_head(state)
@@ -553,8 +602,18 @@ def convert_file(kind: str, src: str, dst: str, *, arch=None, config_file=None, 
                 num_classes = len(classes)
             else:
                 num_classes = n_cls - 1 if dgqp is not None else n_cls
-                logger.info("no class list in the checkpoint's meta: assuming %d classes", num_classes)
-        cfg = build_target_cfg(info, detector=True, num_classes=num_classes or 80, reg_max=reg_max, dgqp=dgqp, config_file=config_file, opts=opts)
+                logger.info(
+                    "no class list in the checkpoint's meta: assuming %d classes", num_classes
+                )
+        cfg = build_target_cfg(
+            info,
+            detector=True,
+            num_classes=num_classes or 80,
+            reg_max=reg_max,
+            dgqp=dgqp,
+            config_file=config_file,
+            opts=opts,
+        )
         if num_classes is not None:
             cfg.MODEL.GFOCAL.NUM_CLASSES = num_classes
         num_classes = cfg.MODEL.GFOCAL.NUM_CLASSES
@@ -570,7 +629,9 @@ def convert_file(kind: str, src: str, dst: str, *, arch=None, config_file=None, 
         offsets = [k for k in report.missing if ".conv2_offset" in k]
         if offsets:
             report.missing = [k for k in report.missing if k not in offsets]
-            report.notes.append(f"{len(offsets)} deformable-offset tensors (conv2_offset) keep their zero init")
+            report.notes.append(
+                f"{len(offsets)} deformable-offset tensors (conv2_offset) keep their zero init"
+            )
     report.log()
     if strict and report.problems:
         raise ConversionError(
@@ -594,14 +655,39 @@ def main(argv=None):
         prog="python -m gfocalv2.convert",
         description="Convert the authors' MMDetection GFocalV2/GFL checkpoints or ImageNet weights into Detectron2 checkpoints.",
     )
-    parser.add_argument("kind", choices=["mmdet", "imagenet"], help="mmdet: a released detector; imagenet: classification weights")
+    parser.add_argument(
+        "kind",
+        choices=["mmdet", "imagenet"],
+        help="mmdet: a released detector; imagenet: classification weights",
+    )
     parser.add_argument("src", help="source .pth")
     parser.add_argument("dst", help="output .pth (Detectron2 checkpoint, for MODEL.WEIGHTS)")
-    parser.add_argument("--arch", choices=sorted(ARCHS), help="expected backbone (checked against the source; detected if omitted)")
-    parser.add_argument("--config-file", default=None, help="build the target model from this config instead of the detected architecture")
-    parser.add_argument("--num-classes", type=int, default=None, help="classes of the target model (mmdet; default: the length of meta CLASSES, else gfl_cls outputs minus the background channel of GFLV2)")
-    parser.add_argument("--no-strict", action="store_true", help="write the output even if keys were unmatched or missing")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...), with --config-file")
+    parser.add_argument(
+        "--arch",
+        choices=sorted(ARCHS),
+        help="expected backbone (checked against the source; detected if omitted)",
+    )
+    parser.add_argument(
+        "--config-file",
+        default=None,
+        help="build the target model from this config instead of the detected architecture",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the target model (mmdet; default: the length of meta CLASSES, else gfl_cls outputs minus the background channel of GFLV2)",
+    )
+    parser.add_argument(
+        "--no-strict",
+        action="store_true",
+        help="write the output even if keys were unmatched or missing",
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="config overrides (KEY VALUE ...), with --config-file",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -14,14 +14,13 @@ a warning says so and the detections are drawn with class indices.
 A missing input or an unreadable image is reported by name and skipped; the exit status is
 1 when nothing could be processed.
 """
+
 import argparse
 import glob
 import logging
 import os
 import sys
 import time
-
-import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFocalV2)
 
 import numpy as np
 
@@ -47,7 +46,10 @@ def get_parser():
     )
     add_config_file_argument(parser)
     parser.add_argument(
-        "--input", nargs="+", default=[], help="image files, directories (all images inside) or quoted glob patterns"
+        "--input",
+        nargs="+",
+        default=[],
+        help="image files, directories (all images inside) or quoted glob patterns",
     )
     parser.add_argument("--video-input", help="path to a video file")
     parser.add_argument(
@@ -55,7 +57,9 @@ def get_parser():
         help="output directory (created if needed), or an image file name when there is exactly one input image. "
         "Without it, nothing is drawn, detections are only printed.",
     )
-    parser.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score of drawn detections")
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.3, help="minimum score of drawn detections"
+    )
     add_register_coco_argument(
         parser, help="register a COCO-format dataset (for its class names); repeatable"
     )
@@ -68,15 +72,23 @@ def setup_demo_cfg(args):
 
     cfg = build_cfg(args.config_file, args.opts, args.register_coco, freeze=False)
     # Keep every candidate down to the drawing threshold (and no lower than the model's own).
-    cfg.MODEL.GFOCAL.SCORE_THRESH_TEST = min(cfg.MODEL.GFOCAL.SCORE_THRESH_TEST, args.confidence_threshold)
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = min(cfg.MODEL.RETINANET.SCORE_THRESH_TEST, args.confidence_threshold)
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = min(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, args.confidence_threshold)
+    cfg.MODEL.GFOCAL.SCORE_THRESH_TEST = min(
+        cfg.MODEL.GFOCAL.SCORE_THRESH_TEST, args.confidence_threshold
+    )
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = min(
+        cfg.MODEL.RETINANET.SCORE_THRESH_TEST, args.confidence_threshold
+    )
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = min(
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, args.confidence_threshold
+    )
     cfg.freeze()
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist")
     if not weights:
-        logger.warning("MODEL.WEIGHTS is empty: the model has random weights (pass --opts MODEL.WEIGHTS path.pth)")
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model has random weights (pass --opts MODEL.WEIGHTS path.pth)"
+        )
     return cfg
 
 
@@ -90,10 +102,14 @@ def expand_inputs(inputs):
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(
-                os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS)
+                os.path.join(item, f)
+                for f in os.listdir(item)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
             )
             if not found:
-                problems.append((item, f"directory {item} contains no image ({', '.join(IMAGE_EXTENSIONS)})"))
+                problems.append(
+                    (item, f"directory {item} contains no image ({', '.join(IMAGE_EXTENSIONS)})")
+                )
             files.extend(found)
         elif os.path.isfile(item):
             files.append(item)
@@ -133,7 +149,9 @@ class VisualizationDemo:
     """DefaultPredictor + Visualizer with the dataset's class names."""
 
     def __init__(self, cfg, confidence_threshold=0.3):
-        from .engine.predictor import Predictor  # DefaultPredictor for gray/RGBA/extreme-size images, checked weights
+        from .engine.predictor import (
+            Predictor,
+        )  # DefaultPredictor for gray/RGBA/extreme-size images, checked weights
         from .engine.visualize import metadata_for
 
         self.cfg = cfg
@@ -148,7 +166,9 @@ class VisualizationDemo:
 
         instances = self.predictor(image_bgr)["instances"].to("cpu")
         instances = instances[instances.scores >= self.threshold]
-        drawing = draw_predictions(np.ascontiguousarray(image_bgr[:, :, ::-1]), instances, self.metadata)
+        drawing = draw_predictions(
+            np.ascontiguousarray(image_bgr[:, :, ::-1]), instances, self.metadata
+        )
         return instances, drawing
 
     def run_on_video(self, video):
@@ -209,7 +229,9 @@ def _run_images(demo, args):
             continue
         start = time.perf_counter()
         instances, drawing = demo.run_on_image(img)
-        logger.info("%s: %s in %.2fs", path, _describe(instances, classes), time.perf_counter() - start)
+        logger.info(
+            "%s: %s in %.2fs", path, _describe(instances, classes), time.perf_counter() - start
+        )
         if args.output:
             out = _output_path(args.output, path, len(files) == 1, used)
             if not cv2.imwrite(out, drawing[:, :, ::-1]):
@@ -233,7 +255,10 @@ def _run_video(demo, args):
     if not video.isOpened():
         logger.error("cannot open video %s", path)
         return 0
-    width, height = int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    width, height = (
+        int(video.get(cv2.CAP_PROP_FRAME_WIDTH)),
+        int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+    )
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
     writer, out = None, None
     if args.output:
@@ -241,7 +266,9 @@ def _run_video(demo, args):
         if os.path.isdir(out) or not os.path.splitext(out)[1]:
             os.makedirs(out, exist_ok=True)
             out = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".mp4")
-        writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height), True)
+        writer = cv2.VideoWriter(
+            out, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height), True
+        )
         if not writer.isOpened():
             logger.error("cannot open %s for writing (codec mp4v)", out)
             return 0

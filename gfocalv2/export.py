@@ -22,6 +22,7 @@ onnxruntime) and the PyTorch model run on the sample image (and any ``--check-im
 and the tool reports whether boxes, scores and classes agree within tolerance (exit
 status 1 if not).
 """
+
 import argparse
 import contextlib
 import copy
@@ -29,14 +30,12 @@ import logging
 import os
 import sys
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-import gfocalv2  # noqa: F401  (compat layer + registrations before other detectron2 imports)
 from detectron2.structures import ImageList
+from torch import Tensor, nn
 
 from .engine.arguments import (
     add_config_file_argument,
@@ -85,7 +84,9 @@ class ExportableDetector(nn.Module):
         predictions = model.head(features)
         result = model.forward_inference(images, features, predictions)[0]
         boxes = result.pred_boxes.tensor
-        keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)  # Boxes.nonempty()
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & (
+            (boxes[:, 3] - boxes[:, 1]) > 0
+        )  # Boxes.nonempty()
         return boxes[keep], result.scores[keep], result.pred_classes[keep]
 
 
@@ -159,7 +160,10 @@ def pytorch_detections(model: nn.Module, image: Tensor) -> Tuple[Tensor, Tensor,
 
 
 def compare_detections(
-    expected: Sequence[Tensor], actual: Sequence[Tensor], box_atol: float = 0.05, score_atol: float = 1e-4
+    expected: Sequence[Tensor],
+    actual: Sequence[Tensor],
+    box_atol: float = 0.05,
+    score_atol: float = 1e-4,
 ) -> Optional[str]:
     """None if two (boxes, scores, classes) results agree, else a description of the first
     difference. Both must have the same detections in the same (score) order; boxes within
@@ -191,19 +195,39 @@ def load_image(path: str, cfg) -> Tensor:
     from .data.transforms import resize_backend
 
     img = read_image(path, format=cfg.INPUT.FORMAT)
-    aug = SafeResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST, backend=resize_backend(cfg))
+    aug = SafeResizeShortestEdge(
+        [cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST, backend=resize_backend(cfg)
+    )
     img = aug.get_transform(img).apply_image(img)
     return torch.as_tensor(img.astype("float32").transpose(2, 0, 1))[None]
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_file_argument(p)
     p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     p.add_argument("--output", required=True, help="output directory (created if needed)")
-    p.add_argument("--sample-image", default="", help="image to trace with (resized as at test time)")
-    p.add_argument("--input-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"), help="random sample size without --sample-image")
-    p.add_argument("--check-images", nargs="*", default=[], help="more images of the sample's size to check the export on")
+    p.add_argument(
+        "--sample-image", default="", help="image to trace with (resized as at test time)"
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        default=(800, 1333),
+        metavar=("H", "W"),
+        help="random sample size without --sample-image",
+    )
+    p.add_argument(
+        "--check-images",
+        nargs="*",
+        default=[],
+        help="more images of the sample's size to check the export on",
+    )
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--box-atol", type=float, default=0.05, help="pixels (default 0.05)")
     p.add_argument("--score-atol", type=float, default=1e-4)
@@ -242,15 +266,30 @@ def main(argv=None) -> int:
     os.makedirs(args.output, exist_ok=True)
     ext = "onnx" if args.format == "onnx" else "ts"
     path = os.path.join(args.output, f"model.{ext}")
-    (export_onnx(model, image, path, args.opset) if args.format == "onnx" else export_torchscript(model, image, path))
-    logger.info("wrote %s (input: 1x3x%dx%d raw %s image)", path, image.shape[2], image.shape[3], cfg.INPUT.FORMAT)
+    (
+        export_onnx(model, image, path, args.opset)
+        if args.format == "onnx"
+        else export_torchscript(model, image, path)
+    )
+    logger.info(
+        "wrote %s (input: 1x3x%dx%d raw %s image)",
+        path,
+        image.shape[2],
+        image.shape[3],
+        cfg.INPUT.FORMAT,
+    )
 
     runner = load_runner(path)
     checks = [("sample", image)] + [(p, load_image(p, cfg)) for p in args.check_images]
     failures = 0
     for name, img in checks:
         if img.shape != image.shape:
-            logger.error("%s: size %s differs from the exported %s; skipped", name, tuple(img.shape[2:]), tuple(image.shape[2:]))
+            logger.error(
+                "%s: size %s differs from the exported %s; skipped",
+                name,
+                tuple(img.shape[2:]),
+                tuple(image.shape[2:]),
+            )
             failures += 1
             continue
         expected, actual = pytorch_detections(reference, img), runner(img)
@@ -258,7 +297,10 @@ def main(argv=None) -> int:
         status = "OK" if problem is None else f"MISMATCH: {problem}"
         logger.info("%s: %d detections, exported vs PyTorch: %s", name, len(expected[0]), status)
         if len(expected[0]) == 0:
-            logger.warning("%s: no detections to compare (random weights?): the check only covers the empty output", name)
+            logger.warning(
+                "%s: no detections to compare (random weights?): the check only covers the empty output",
+                name,
+            )
         failures += problem is not None
     return 1 if failures else 0
 

@@ -17,6 +17,7 @@ SHA-256. Run with the interpreter of the target environment:
 
     .venv/bin/python tools/install_detectron2.py [--force]
 """
+
 import argparse
 import hashlib
 import html.parser
@@ -65,7 +66,11 @@ def detectron2_importable():
     if importlib.util.find_spec("detectron2") is None:
         return False
     proc = subprocess.run(
-        [sys.executable, "-c", "import detectron2, detectron2.config; print(detectron2.__version__)"],
+        [
+            sys.executable,
+            "-c",
+            "import detectron2, detectron2.config; print(detectron2.__version__)",
+        ],
         capture_output=True,
         text=True,
     )
@@ -131,7 +136,8 @@ def download_sdist(dest_dir):
                 return path
         errors.append(f"{page_url}: no link to {SDIST_FILE}")
     raise SystemExit(
-        f"Could not download {SDIST_FILE} from any package index:\n  " + "\n  ".join(errors)
+        f"Could not download {SDIST_FILE} from any package index:\n  "
+        + "\n  ".join(errors)
         + "\nCheck your network / PIP_INDEX_URL, or install Detectron2 yourself "
         "(https://detectron2.readthedocs.io/en/latest/tutorials/install.html) and run this again."
     )
@@ -172,7 +178,18 @@ def build_wheel(sdist, work_dir):
         )
     wheel_dir = os.path.join(work_dir, "wheels")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheel_dir, pkg_root],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            wheel_dir,
+            pkg_root,
+        ],
         check=True,
     )
     (wheel,) = [os.path.join(wheel_dir, w) for w in os.listdir(wheel_dir) if w.endswith(".whl")]
@@ -180,8 +197,12 @@ def build_wheel(sdist, work_dir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--force", action="store_true", help="rebuild and reinstall even if Detectron2 imports")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild and reinstall even if Detectron2 imports"
+    )
     args = parser.parse_args()
     if not args.force and detectron2_importable():
         return
@@ -189,7 +210,10 @@ def main():
         sdist = download_sdist(tmp)
         wheel = build_wheel(sdist, tmp)
         log(f"installing {os.path.basename(wheel)}")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel],
+            check=True,
+        )
     if not detectron2_importable():
         raise SystemExit("Detectron2 was installed but does not import; see the error above.")
 

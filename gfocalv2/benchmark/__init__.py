@@ -57,6 +57,7 @@ Code: :mod:`.models` builds the compared models (Detectron2's from
 loader) and counts FLOPs, :mod:`.report` turns the times into statistics and the report,
 :mod:`.cli` is the command line (``python -m gfocalv2.benchmark``, ``gfocalv2-benchmark``).
 """
+
 from .cli import get_parser, main
 from .models import (
     KNOWN_MODELS,

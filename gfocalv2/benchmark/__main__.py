@@ -1,4 +1,5 @@
 """``python -m gfocalv2.benchmark``: see :mod:`gfocalv2.benchmark`."""
+
 import sys
 
 from .cli import main

@@ -1,4 +1,5 @@
 """``python -m gfocalv2.benchmark`` (``gfocalv2-benchmark``): the argument parser and main."""
+
 import argparse
 import json
 import logging
@@ -50,7 +51,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--compare", default="", help="comma-separated: " + ",".join(KNOWN_MODELS))
     p.add_argument(
-        "--input-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"),
+        "--input-size",
+        type=int,
+        nargs=2,
+        default=(800, 1333),
+        metavar=("H", "W"),
         help="default 800 1333",
     )
     p.add_argument("--batch-size", type=int, default=1, help="images per iteration (default 1)")
@@ -58,16 +63,17 @@ def get_parser() -> argparse.ArgumentParser:
         "--num-gt", type=int, default=30, help="ground-truth boxes per training image (default 30)"
     )
     p.add_argument(
-        "--detections", type=int, default=1000,
+        "--detections",
+        type=int,
+        default=1000,
         help="confident (location, class) pairs per image for post-processing; 0: raw outputs",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: MODEL.DEVICE)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument(
-        "--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)"
-    )
-    p.add_argument(
-        "--channels-last", action="store_true",
+        "--channels-last",
+        action="store_true",
         help="run every model in channels-last (NHWC) memory format",
     )
     p.add_argument(
@@ -85,14 +91,17 @@ def get_parser() -> argparse.ArgumentParser:
         "to other jobs on a shared CPU, best with --threads 1 (CPU device only)",
     )
     p.add_argument(
-        "--flops", action="store_true",
+        "--flops",
+        action="store_true",
         help="also count each model's inference GFLOPs (one untimed forward)",
     )
     p.add_argument("--json", default="", metavar="FILE", help="also write the summary as JSON")
     add_register_coco_argument(p)
     add_opts_argument(p)
     p.add_argument(
-        "overrides", nargs=argparse.REMAINDER, metavar="opts",
+        "overrides",
+        nargs=argparse.REMAINDER,
+        metavar="opts",
         help="config overrides KEY VALUE ... after the flags (the same as --opts)",
     )
     return p

@@ -1,14 +1,14 @@
 """The compared models: ours (the config's), GFL/GFocalV2 variants of it, and Detectron2's
 RetinaNet and FCOS built with the same backbone (:mod:`gfocalv2.modeling.baselines`); and
 the layout/inference rewrites the benchmark applies to them."""
+
 import logging
 from collections import OrderedDict
 from typing import Dict, Sequence
 
 import torch
-from torch import nn
-
 from detectron2.modeling import build_model
+from torch import nn
 
 from ..engine.checkpoint import load_weights
 from ..modeling.baselines import detectron2_fcos, detectron2_retinanet

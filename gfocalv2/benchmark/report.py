@@ -1,5 +1,6 @@
 """Statistics of the timed rounds (medians, spreads, stage shares, paired ratios) and the
 printed report."""
+
 import math
 import statistics
 from collections import OrderedDict

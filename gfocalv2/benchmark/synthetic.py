@@ -1,12 +1,12 @@
 """Synthetic inputs: random images with random boxes, and fixed classification logits that
 give every model the same number of confident candidates to post-process."""
+
 import math
 from typing import Dict, List
 
 import torch
-from torch import nn
-
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 __all__ = ["synthetic_batch", "SyntheticLogits", "add_synthetic_logits"]
 

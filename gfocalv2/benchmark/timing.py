@@ -1,6 +1,7 @@
 """Timing: a stopwatch per stage, one inference or training iteration split into stages
 (the backward pass split at the head outputs), the interleaved rounds over the models, the
 data loader, and FLOPs."""
+
 import contextlib
 import statistics
 import time
@@ -8,10 +9,9 @@ from collections import OrderedDict
 from typing import Callable, Dict, List
 
 import torch
-from torch import nn
-
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.utils.events import EventStorage
+from torch import nn
 
 from .report import quantile
 
@@ -140,7 +140,7 @@ def split_backward(loss: torch.Tensor, predictions, sw: Stopwatch) -> None:
     outputs, params = _split_points([t for t in _flat_tensors(predictions) if t.requires_grad])
     with sw.stage("losses backward"):
         grads = torch.autograd.grad(loss, outputs + params, allow_unused=True)
-        grads, param_grads = grads[: len(outputs)], grads[len(outputs):]
+        grads, param_grads = grads[: len(outputs)], grads[len(outputs) :]
         for p, g in zip(params, param_grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
@@ -244,7 +244,7 @@ def run_benchmark(
     grad = contextlib.nullcontext() if task == "train" else torch.no_grad()
     with EventStorage(0), grad, _autocast(device, amp):
         for r in range(warmup + num_iter):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 sw = Stopwatch(device, clock)
                 if task == "train":

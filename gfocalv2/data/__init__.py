@@ -9,6 +9,7 @@
 * :mod:`.loader`: a training loader whose data order is a function of (seed, iteration)
   (bit-identical resume) and which skips unreadable images with a warning.
 """
+
 from .datasets import check_datasets_registered, get_thing_classes, register_coco_datasets  # noqa: F401
 from .loader import (  # noqa: F401
     DataLoadingError,

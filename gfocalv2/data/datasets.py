@@ -13,6 +13,7 @@ Two equivalent ways, for any json in COCO's detection format plus a folder of im
 Then use the names in ``DATASETS.TRAIN`` / ``DATASETS.TEST`` and set
 ``MODEL.GFOCAL.NUM_CLASSES`` to the number of categories in the json.
 """
+
 import logging
 import os
 
@@ -36,7 +37,9 @@ def _normalize_entries(entries, source):
                 "Did you write DATASETS.REGISTER_COCO \"['n', 'j', 'd']\" instead of \"[['n', 'j', 'd']]\"?"
             )
         if len(entry) != 3 or not all(isinstance(x, str) and x for x in entry):
-            raise ValueError(f"{source}[{i}] = {entry!r}: expected [NAME, JSON_FILE, IMAGE_DIR] (three non-empty strings)")
+            raise ValueError(
+                f"{source}[{i}] = {entry!r}: expected [NAME, JSON_FILE, IMAGE_DIR] (three non-empty strings)"
+            )
         out.append(tuple(entry))
     return out
 
@@ -55,14 +58,20 @@ def register_coco_datasets(entries, source="DATASETS.REGISTER_COCO"):
     names = []
     for i, (name, json_file, image_dir) in enumerate(_normalize_entries(entries, source)):
         where = f"{source}[{i}] ({name!r})"
-        json_file, image_dir = os.path.abspath(os.path.expanduser(json_file)), os.path.abspath(os.path.expanduser(image_dir))
+        json_file, image_dir = (
+            os.path.abspath(os.path.expanduser(json_file)),
+            os.path.abspath(os.path.expanduser(image_dir)),
+        )
         if not os.path.isfile(json_file):
             raise FileNotFoundError(f"{where}: annotation file {json_file} does not exist")
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"{where}: image directory {image_dir} does not exist")
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
-            if getattr(meta, "json_file", None) == json_file and getattr(meta, "image_root", None) == image_dir:
+            if (
+                getattr(meta, "json_file", None) == json_file
+                and getattr(meta, "image_root", None) == image_dir
+            ):
                 names.append(name)
                 continue
             raise ValueError(
@@ -70,7 +79,9 @@ def register_coco_datasets(entries, source="DATASETS.REGISTER_COCO"):
                 f"(json_file={getattr(meta, 'json_file', None)}); pick another name"
             )
         register_coco_instances(name, {}, json_file, image_dir)
-        logger.info("Registered COCO-format dataset %r: %s, images in %s", name, json_file, image_dir)
+        logger.info(
+            "Registered COCO-format dataset %r: %s, images in %s", name, json_file, image_dir
+        )
         names.append(name)
     return names
 
@@ -132,5 +143,8 @@ def check_num_classes(cfg, dataset_name):
     if len(classes) < n:
         logger.warning(
             "Dataset %r has %d classes but %s is %d (the extra outputs are never positive)",
-            dataset_name, len(classes), key, n,
+            dataset_name,
+            len(classes),
+            key,
+            n,
         )

@@ -20,6 +20,7 @@ batches images in the order workers return them. Here:
   ``max_consecutive_failures`` failures in a row stop the run with a :class:`DataLoadingError`
   listing the files.
 """
+
 import contextlib
 import itertools
 import logging
@@ -30,7 +31,6 @@ from collections import OrderedDict, defaultdict
 import numpy as np
 import torch
 import torch.utils.data as torchdata
-
 from detectron2.utils import comm
 
 __all__ = [
@@ -80,9 +80,15 @@ def _repeat_factors(dataset_dicts, repeat_thresh, sqrt=True):
             category_freq[c] += 1
     n = len(dataset_dicts)
     # Detectron2 after v0.6 has DATALOADER.REPEAT_SQRT (default True, v0.6's behaviour)
-    rep = {c: max(1.0, (math.sqrt if sqrt else float)(repeat_thresh / (f / n))) for c, f in category_freq.items()}
+    rep = {
+        c: max(1.0, (math.sqrt if sqrt else float)(repeat_thresh / (f / n)))
+        for c, f in category_freq.items()
+    }
     return torch.tensor(
-        [max([rep[a["category_id"]] for a in d.get("annotations", [])], default=1.0) for d in dataset_dicts],
+        [
+            max([rep[a["category_id"]] for a in d.get("annotations", [])], default=1.0)
+            for d in dataset_dicts
+        ],
         dtype=torch.float32,
     )
 
@@ -101,8 +107,17 @@ class ResumableBatchSampler(torchdata.Sampler):
     """
 
     def __init__(
-        self, num_images, batch_size, seed, *, sizes=None, shuffle=True, repeat_factors=None,
-        rank=None, world_size=None, start_iter=0,
+        self,
+        num_images,
+        batch_size,
+        seed,
+        *,
+        sizes=None,
+        shuffle=True,
+        repeat_factors=None,
+        rank=None,
+        world_size=None,
+        start_iter=0,
     ):
         if num_images <= 0:
             raise ValueError("ResumableBatchSampler needs at least one image")
@@ -148,7 +163,9 @@ class ResumableBatchSampler(torchdata.Sampler):
         while True:
             epoch = self._epoch_indices(g)
             if not epoch:
-                raise ValueError("an epoch of the training sampler is empty (all repeat factors round to 0)")
+                raise ValueError(
+                    "an epoch of the training sampler is empty (all repeat factors round to 0)"
+                )
             for idx in epoch:
                 yield idx, pos
                 pos += 1
@@ -286,7 +303,9 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
     world_size = comm.get_world_size()
     total = cfg.SOLVER.IMS_PER_BATCH
     if total <= 0 or total % world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of GPUs ({world_size})")
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of GPUs ({world_size})"
+        )
     seed = data_seed_from_cfg(cfg)
     sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
     if sampler_name == "TrainingSampler":
@@ -306,12 +325,13 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
     batch_sampler = ResumableBatchSampler(
         len(dataset_dicts), total // world_size, seed, sizes=sizes, repeat_factors=repeat_factors
     )
-    dataset = RobustMapDataset(
-        dataset_dicts, mapper, seed, cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES
-    )
+    dataset = RobustMapDataset(dataset_dicts, mapper, seed, cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES)
     logger.info(
         "Training data: %d images, %d per batch per GPU, seed %d, resumable order (%s%s)",
-        len(dataset_dicts), total // world_size, seed, sampler_name,
+        len(dataset_dicts),
+        total // world_size,
+        seed,
+        sampler_name,
         ", aspect-ratio grouping" if sizes is not None else "",
     )
     return ResumableTrainLoader(
@@ -334,7 +354,9 @@ def build_checked_test_loader(cfg, dataset_name, mapper=None):
     from .mapper import RobustDatasetMapper
     from .validation import load_dataset_dicts
 
-    dicts = load_dataset_dicts([dataset_name], is_train=False, check_images=cfg.DATASETS.CHECK_IMAGES)
+    dicts = load_dataset_dicts(
+        [dataset_name], is_train=False, check_images=cfg.DATASETS.CHECK_IMAGES
+    )
     if mapper is None:
         mapper = RobustDatasetMapper(cfg, False)
     return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)

@@ -2,18 +2,29 @@
 image and resizes with the config's ``INPUT.RESIZE_BACKEND`` (OpenCV bilinear as the
 reference, or Detectron2's PIL bilinear; see :mod:`.transforms`), and input normalization for
 extreme inputs (gray, RGBA, 1x1, extreme aspect ratio)."""
+
 import logging
 import sys
 
 import numpy as np
-from PIL import Image
-
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
+from PIL import Image
 
-from .transforms import DEFAULT_RESIZE_BACKEND, check_resize_backend, resize_backend, resize_transform
+from .transforms import (
+    DEFAULT_RESIZE_BACKEND,
+    check_resize_backend,
+    resize_backend,
+    resize_transform,
+)
 
-__all__ = ["ImageLoadError", "RobustDatasetMapper", "SafeResizeShortestEdge", "safe_augmentations", "to_three_channels"]
+__all__ = [
+    "ImageLoadError",
+    "RobustDatasetMapper",
+    "SafeResizeShortestEdge",
+    "safe_augmentations",
+    "to_three_channels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +51,11 @@ class SafeResizeShortestEdge(T.ResizeShortestEdge):
     backend = DEFAULT_RESIZE_BACKEND
 
     def __init__(
-        self, short_edge_length, max_size=sys.maxsize, sample_style="range", interp=Image.BILINEAR,
+        self,
+        short_edge_length,
+        max_size=sys.maxsize,
+        sample_style="range",
+        interp=Image.BILINEAR,
         backend=DEFAULT_RESIZE_BACKEND,
     ):
         super().__init__(short_edge_length, max_size, sample_style, interp)
@@ -127,11 +142,14 @@ class RobustDatasetMapper(DatasetMapper):
                     actual = image_size_from_header(file_name)
                     if actual == exp[::-1]:
                         hint += " (width and height look swapped: EXIF orientation?)"
-                    reason = f"its size is {actual[0]}x{actual[1]} but the json says {exp[0]}x{exp[1]}."
+                    reason = (
+                        f"its size is {actual[0]}x{actual[1]} but the json says {exp[0]}x{exp[1]}."
+                    )
                 except Exception:  # noqa: BLE001
                     reason = str(e)
                 raise ImageLoadError(f"image {file_name}: {reason}{hint}") from e
             if isinstance(e, FileNotFoundError):
                 raise ImageLoadError(f"image {file_name} does not exist") from e
-            raise ImageLoadError(f"image {file_name} cannot be used ({type(e).__name__}: {e})") from e
-
+            raise ImageLoadError(
+                f"image {file_name} cannot be used ({type(e).__name__}: {e})"
+            ) from e

@@ -11,11 +11,11 @@ the 2x2 nearest source pixels. ``INPUT.RESIZE_BACKEND`` picks one of :data:`RESI
 Only the pixels differ: the output sizes (Detectron2's ``ResizeShortestEdge``) and the box
 coordinates (scaled by new/old size per axis) are the same for both.
 """
+
 import cv2
 import numpy as np
-from PIL import Image
-
 from detectron2.data import transforms as T
+from PIL import Image
 
 __all__ = [
     "RESIZE_BACKENDS",
@@ -51,8 +51,12 @@ class CV2ResizeTransform(T.ResizeTransform):
             return super().apply_image(img, interp=interp_method)
         assert img.shape[:2] == (self.h, self.w), (img.shape, (self.h, self.w))
         if img.ndim not in (2, 3):
-            raise ValueError(f"CV2ResizeTransform resizes (H, W) or (H, W, C) images, got shape {img.shape}")
-        out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=cv2.INTER_LINEAR)
+            raise ValueError(
+                f"CV2ResizeTransform resizes (H, W) or (H, W, C) images, got shape {img.shape}"
+            )
+        out = cv2.resize(
+            np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=cv2.INTER_LINEAR
+        )
         if img.ndim == 3 and out.ndim == 2:  # cv2 drops a single channel axis
             out = out[:, :, None]
         return out
@@ -82,5 +86,7 @@ def resize_backend(cfg):
 
 def resize_transform(h, w, new_h, new_w, backend=DEFAULT_RESIZE_BACKEND, interp=None):
     """A resize from (h, w) to (new_h, new_w) with the given backend (:data:`RESIZE_BACKENDS`)."""
-    cls = CV2ResizeTransform if check_resize_backend(backend) == "cv2-bilinear" else T.ResizeTransform
+    cls = (
+        CV2ResizeTransform if check_resize_backend(backend) == "cv2-bilinear" else T.ResizeTransform
+    )
     return cls(h, w, new_h, new_w, interp)

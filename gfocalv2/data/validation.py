@@ -24,6 +24,7 @@ image with an empty annotation list       kept (negatives only) unless
                                           left with a box for training: error
 ========================================  ==================================================
 """
+
 import copy
 import json
 import logging
@@ -89,7 +90,11 @@ def diagnose_coco_json(json_file):
         return "; ".join(problems)
     image_ids = set()
     for i, img in enumerate(data["images"]):
-        missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(img, dict) or k not in img]
+        missing = [
+            k
+            for k in ("id", "file_name", "width", "height")
+            if not isinstance(img, dict) or k not in img
+        ]
         if missing:
             return f"images[{i}] lacks {missing} (each image needs id, file_name, width, height)"
         image_ids.add(img["id"])
@@ -100,11 +105,19 @@ def diagnose_coco_json(json_file):
         cat_ids.add(cat["id"])
     unknown_cats, unknown_images, ann_ids = Counter(), Counter(), Counter()
     for i, ann in enumerate(data.get("annotations", [])):
-        missing = [k for k in ("image_id", "bbox", "category_id") if not isinstance(ann, dict) or k not in ann]
+        missing = [
+            k
+            for k in ("image_id", "bbox", "category_id")
+            if not isinstance(ann, dict) or k not in ann
+        ]
         if missing:
             return f"annotations[{i}] lacks {missing} (each annotation needs image_id, bbox, category_id)"
         bbox = ann["bbox"]
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) for v in bbox)
+        ):
             return f"annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; expected [x, y, width, height] (4 numbers)"
         if ann.get("ignore", 0):
             return f"annotations[{i}] (id {ann.get('id')}) has 'ignore': {ann['ignore']}, which Detectron2 does not support; use iscrowd: 1"
@@ -122,7 +135,9 @@ def diagnose_coco_json(json_file):
         )
     dup = [i for i, n in ann_ids.items() if n > 1]
     if dup:
-        return f"has duplicate annotation ids (e.g. {dup[:_EXAMPLES]}); annotation ids must be unique"
+        return (
+            f"has duplicate annotation ids (e.g. {dup[:_EXAMPLES]}); annotation ids must be unique"
+        )
     if unknown_images:
         # load_coco_json only warns about these; report them only if nothing else is wrong
         return None
@@ -152,7 +167,9 @@ def _load_one(name):
         raise DatasetError(
             f"Dataset {name!r}: loading {json_file} failed ({type(cause).__name__}: {cause})"
         ) from cause
-    raise DatasetError(f"Dataset {name!r}: loading failed ({type(cause).__name__}: {cause})") from cause
+    raise DatasetError(
+        f"Dataset {name!r}: loading failed ({type(cause).__name__}: {cause})"
+    ) from cause
 
 
 def image_size_from_header(path):
@@ -214,7 +231,12 @@ def _clean_annotations(record, counts, examples, num_classes, name):
             examples["degenerate"].append(where)
             continue
         if W is not None and H is not None:
-            cx0, cy0, cx1, cy1 = min(max(x0, 0.0), W), min(max(y0, 0.0), H), min(max(x1, 0.0), W), min(max(y1, 0.0), H)
+            cx0, cy0, cx1, cy1 = (
+                min(max(x0, 0.0), W),
+                min(max(y0, 0.0), H),
+                min(max(x1, 0.0), W),
+                min(max(y1, 0.0), H),
+            )
             if cx1 <= cx0 or cy1 <= cy0:
                 counts["outside"] += 1
                 examples["outside"].append(f"{where} in a {W}x{H} image")
@@ -223,7 +245,11 @@ def _clean_annotations(record, counts, examples, num_classes, name):
                 counts["clipped"] += 1
                 examples["clipped"].append(f"{where} in a {W}x{H} image")
                 ann = dict(ann)
-                ann["bbox"] = [cx0, cy0, cx1 - cx0, cy1 - cy0] if mode == BoxMode.XYWH_ABS else [cx0, cy0, cx1, cy1]
+                ann["bbox"] = (
+                    [cx0, cy0, cx1 - cx0, cy1 - cy0]
+                    if mode == BoxMode.XYWH_ABS
+                    else [cx0, cy0, cx1, cy1]
+                )
         kept.append(ann)
     return kept
 
@@ -237,7 +263,9 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
     json_file = _json_file_of(name)
     src = f" ({json_file})" if json_file else ""
     if not isinstance(dicts, list):
-        raise DatasetError(f"Dataset {name!r}{src}: its loader returned a {type(dicts).__name__}, not a list of dicts")
+        raise DatasetError(
+            f"Dataset {name!r}{src}: its loader returned a {type(dicts).__name__}, not a list of dicts"
+        )
     if len(dicts) == 0:
         raise DatasetError(
             f"Dataset {name!r}{src} has no images. Check the json's 'images' list "
@@ -245,7 +273,9 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
         )
     check_images = (check_images or "none").lower()
     if check_images not in ("none", "exists", "size"):
-        raise DatasetError(f"DATASETS.CHECK_IMAGES must be 'none', 'exists' or 'size', got {check_images!r}")
+        raise DatasetError(
+            f"DATASETS.CHECK_IMAGES must be 'none', 'exists' or 'size', got {check_images!r}"
+        )
     purpose = "training" if is_train else "evaluation"
     out, missing, unreadable, mismatched = [], [], [], []
     counts, examples = Counter(), {k: [] for k in ("invalid", "degenerate", "outside", "clipped")}
@@ -262,7 +292,9 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
                     unreadable.append(f"{path} ({type(e).__name__}: {e})")
                     continue
                 if wh != (record["width"], record["height"]):
-                    mismatched.append(f"{path} is {wh[0]}x{wh[1]}, the json says {record['width']}x{record['height']}")
+                    mismatched.append(
+                        f"{path} is {wh[0]}x{wh[1]}, the json says {record['width']}x{record['height']}"
+                    )
                     continue
         if "annotations" in record:
             record = dict(record)
@@ -275,7 +307,11 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
             f"Dataset {name!r}{src}: none of its {len(dicts)} image files exist (e.g. {missing[0]}). "
             f"Is the image directory right? (files are looked up under {image_root})"
         )
-    bad = [("do not exist", missing), ("cannot be read", unreadable), ("have another size than the json says", mismatched)]
+    bad = [
+        ("do not exist", missing),
+        ("cannot be read", unreadable),
+        ("have another size than the json says", mismatched),
+    ]
     for what, items in bad:
         if not items:
             continue
@@ -287,7 +323,12 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
             )
         logger.warning(
             "Dataset %r%s: %d of %d images %s and are left out of training: %s",
-            name, src, len(items), len(dicts), what, _fmt_examples(items),
+            name,
+            src,
+            len(items),
+            len(dicts),
+            what,
+            _fmt_examples(items),
         )
     if not out:
         raise DatasetError(f"Dataset {name!r}{src}: no usable image is left after the checks above")
@@ -299,7 +340,14 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
     }
     for key, text in messages.items():
         if counts[key]:
-            logger.warning("Dataset %r%s: %d %s: %s", name, src, counts[key], text, _fmt_examples(examples[key]))
+            logger.warning(
+                "Dataset %r%s: %d %s: %s",
+                name,
+                src,
+                counts[key],
+                text,
+                _fmt_examples(examples[key]),
+            )
     return out
 
 
@@ -310,7 +358,10 @@ def load_dataset_dicts(names, *, is_train=True, filter_empty=False, check_images
     Returns the concatenated, checked dataset dicts.
     """
     from detectron2.data import MetadataCatalog
-    from detectron2.data.build import filter_images_with_only_crowd_annotations, print_instances_class_histogram
+    from detectron2.data.build import (
+        filter_images_with_only_crowd_annotations,
+        print_instances_class_histogram,
+    )
     from detectron2.data.detection_utils import check_metadata_consistency
 
     if isinstance(names, str):
@@ -324,7 +375,10 @@ def load_dataset_dicts(names, *, is_train=True, filter_empty=False, check_images
         dicts = copy.copy(_load_one(name))
         classes = getattr(MetadataCatalog.get(name), "thing_classes", None)
         dicts = validate_dataset_dicts(
-            dicts, name, is_train=is_train, check_images=check_images,
+            dicts,
+            name,
+            is_train=is_train,
+            check_images=check_images,
             num_classes=len(classes) if classes is not None else None,
         )
         all_dicts.extend(dicts)
@@ -348,6 +402,8 @@ def load_dataset_dicts(names, *, is_train=True, filter_empty=False, check_images
             try:
                 check_metadata_consistency("thing_classes", names)
             except (AttributeError, AssertionError, ValueError) as e:
-                raise DatasetError(f"Datasets {list(names)} have different class lists (thing_classes): {e}") from e
+                raise DatasetError(
+                    f"Datasets {list(names)} have different class lists (thing_classes): {e}"
+                ) from e
             print_instances_class_histogram(all_dicts, MetadataCatalog.get(names[0]).thing_classes)
     return all_dicts

@@ -4,6 +4,7 @@
 
 Import :mod:`gfocalv2` (which this package does) before any other ``detectron2`` module.
 """
+
 from .. import compat as _compat
 
 _compat.apply()

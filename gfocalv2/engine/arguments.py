@@ -6,6 +6,7 @@ trailing ``KEY VALUE`` overrides); the tools of ``python -m gfocalv2.<tool>`` bu
 parser from the pieces below, so that ``--config-file``, ``--register-coco`` and ``--opts``
 read the same everywhere.
 """
+
 import argparse
 
 from detectron2.engine import default_argument_parser
@@ -35,7 +36,13 @@ def workflow_argument_parser(epilog=None):
 
 def add_config_file_argument(parser, required=False):
     """``--config-file FILE``, as Detectron2's tools spell it."""
-    parser.add_argument("--config-file", default="", required=required, metavar="FILE", help="path to the config file")
+    parser.add_argument(
+        "--config-file",
+        default="",
+        required=required,
+        metavar="FILE",
+        help="path to the config file",
+    )
     return parser
 
 
@@ -43,7 +50,12 @@ def add_register_coco_argument(parser, help=REGISTER_COCO_HELP):
     """``--register-coco NAME JSON IMAGE_DIR`` (repeatable), for
     :func:`~gfocalv2.engine.config_setup.build_cfg`'s ``register_coco``."""
     parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"), help=help
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_DIR"),
+        help=help,
     )
     return parser
 

@@ -14,6 +14,7 @@
   ``allow_class_mismatch`` (``MODEL.REINIT_HEAD_ON_CLASS_MISMATCH True``), in which case it
   keeps its initialization, with a warning.
 """
+
 import logging
 import os
 import re
@@ -21,12 +22,20 @@ import tempfile
 from urllib.parse import urlparse
 
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..modeling.inference_optimization import has_folded_batchnorm
 
-__all__ = ["GFocalCheckpointer", "CheckpointError", "UnreadableCheckpointError", "NonFiniteWeightsError", "atomic_torch_save", "atomic_write_text", "checkpointer_for", "load_weights"]
+__all__ = [
+    "GFocalCheckpointer",
+    "CheckpointError",
+    "UnreadableCheckpointError",
+    "NonFiniteWeightsError",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "checkpointer_for",
+    "load_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +90,9 @@ def _fsync_dir(directory):
 
 def _atomic_write(path, write, mode):
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+    )
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -110,7 +121,15 @@ def atomic_write_text(path, text):
 class GFocalCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer with atomic saves and checked loads (see the module docstring)."""
 
-    def __init__(self, model, save_dir="", *, save_to_disk=None, allow_class_mismatch=False, **checkpointables):
+    def __init__(
+        self,
+        model,
+        save_dir="",
+        *,
+        save_to_disk=None,
+        allow_class_mismatch=False,
+        **checkpointables,
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.allow_class_mismatch = allow_class_mismatch
 
@@ -161,7 +180,7 @@ class GFocalCheckpointer(DetectionCheckpointer):
         if path and _is_local(path) and not os.path.isfile(local):
             raise FileNotFoundError(
                 f"MODEL.WEIGHTS {path} does not exist. Give the path of a .pth/.pkl checkpoint "
-                "(e.g. OUTPUT_DIR/model_final.pth), or MODEL.WEIGHTS \"\" to start from random weights."
+                '(e.g. OUTPUT_DIR/model_final.pth), or MODEL.WEIGHTS "" to start from random weights.'
             )
         try:
             return super().load(path, *args, **kwargs)
@@ -193,7 +212,11 @@ class GFocalCheckpointer(DetectionCheckpointer):
         except (UnreadableCheckpointError, FileNotFoundError) as e:
             problem = e
         candidates = sorted(
-            (f for f in self.get_all_checkpoint_files() if os.path.abspath(f) != os.path.abspath(last or "")),
+            (
+                f
+                for f in self.get_all_checkpoint_files()
+                if os.path.abspath(f) != os.path.abspath(last or "")
+            ),
             key=os.path.getmtime,
             reverse=True,
         )
@@ -204,7 +227,11 @@ class GFocalCheckpointer(DetectionCheckpointer):
                 continue
             logger.warning(
                 "--resume: last_checkpoint in %s names %s, which cannot be used (%s); resumed from %s instead, "
-                "the newest readable checkpoint there", self.save_dir, last or "(nothing)", problem, cand,
+                "the newest readable checkpoint there",
+                self.save_dir,
+                last or "(nothing)",
+                problem,
+                cand,
             )
             return ret
         raise CheckpointError(
@@ -216,7 +243,7 @@ class GFocalCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         ckpt_state = checkpoint.get("model", {})
         model_state = self.model.state_dict()
-        strip = lambda k: k[len("module."):] if k.startswith("module.") else k  # noqa: E731
+        strip = lambda k: k[len("module.") :] if k.startswith("module.") else k  # noqa: E731
         if not checkpoint.get("matching_heuristics", False) and isinstance(ckpt_state, dict):
             ckpt_keys = {strip(k): v for k, v in ckpt_state.items()}
             shared = [k for k in model_state if k in ckpt_keys]
@@ -230,11 +257,14 @@ class GFocalCheckpointer(DetectionCheckpointer):
             mismatched = [
                 (k, tuple(ckpt_keys[k].shape), tuple(model_state[k].shape))
                 for k in shared
-                if _CLASS_LAYER.search(k) and hasattr(ckpt_keys[k], "shape")
+                if _CLASS_LAYER.search(k)
+                and hasattr(ckpt_keys[k], "shape")
                 and tuple(ckpt_keys[k].shape) != tuple(model_state[k].shape)
             ]
             if mismatched:
-                desc = ", ".join(f"{k}: {a} in the checkpoint, {b} in the model" for k, a, b in mismatched)
+                desc = ", ".join(
+                    f"{k}: {a} in the checkpoint, {b} in the model" for k, a, b in mismatched
+                )
                 if not self.allow_class_mismatch:
                     raise CheckpointError(
                         f"The checkpoint's classification layer is for another number of classes ({desc}). "
@@ -243,7 +273,8 @@ class GFocalCheckpointer(DetectionCheckpointer):
                         "re-initialized)."
                     )
                 logger.warning(
-                    "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH: re-initializing the classification layer (%s)", desc
+                    "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH: re-initializing the classification layer (%s)",
+                    desc,
                 )
         return super()._load_model(checkpoint)
 
@@ -251,7 +282,10 @@ class GFocalCheckpointer(DetectionCheckpointer):
 def checkpointer_for(cfg, model, save_dir="", **checkpointables):
     """A :class:`GFocalCheckpointer` with ``allow_class_mismatch`` from the config."""
     return GFocalCheckpointer(
-        model, save_dir, allow_class_mismatch=cfg.MODEL.REINIT_HEAD_ON_CLASS_MISMATCH, **checkpointables
+        model,
+        save_dir,
+        allow_class_mismatch=cfg.MODEL.REINIT_HEAD_ON_CLASS_MISMATCH,
+        **checkpointables,
     )
 
 

@@ -11,6 +11,7 @@ and suggests close matches. They also check the keys of this project that take o
 few values (:func:`check_config_values`: ``INPUT.RESIZE_BACKEND``), so that a bad value
 fails when the config is built, naming where it came from and the allowed values.
 """
+
 import difflib
 import logging
 import os
@@ -63,14 +64,19 @@ def all_config_keys(cfg, prefix=""):
 def _suggest(cfg, key, n=3):
     keys = all_config_keys(cfg)
     matches = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
-    if not matches:  # same last component elsewhere (e.g. MODEL.NUM_CLASSES -> MODEL.GFOCAL.NUM_CLASSES)
+    if (
+        not matches
+    ):  # same last component elsewhere (e.g. MODEL.NUM_CLASSES -> MODEL.GFOCAL.NUM_CLASSES)
         last = key.split(".")[-1]
         matches = [k for k in keys if k.split(".")[-1] == last][:n]
     if not matches:
         lasts = {}
         for k in keys:
             lasts.setdefault(k.split(".")[-1], k)
-        matches = [lasts[m] for m in difflib.get_close_matches(key.split(".")[-1], list(lasts), n=n, cutoff=0.75)]
+        matches = [
+            lasts[m]
+            for m in difflib.get_close_matches(key.split(".")[-1], list(lasts), n=n, cutoff=0.75)
+        ]
     return matches
 
 
@@ -111,7 +117,7 @@ def _value_error(e, source):
     if want == "float" and got == "int":
         hint = f" Write it as a float, e.g. {m['new']}.0."
     elif want in ("tuple", "list"):
-        hint = " Write a list, e.g. (1, 2) or [1, 2] (quoted on the command line: KEY \"(1, 2)\")."
+        hint = ' Write a list, e.g. (1, 2) or [1, 2] (quoted on the command line: KEY "(1, 2)").'
     return ConfigValueError(
         f"{source}: config key {key} must be of type {want} (default: {m['old']}), "
         f"got {m['new']!s} of type {got}.{hint}"
@@ -126,7 +132,11 @@ def _missing_file_error(path, what):
         candidates = [f for f in os.listdir(parent) if f.endswith((".yaml", ".yml", ".py"))]
         close = difflib.get_close_matches(os.path.basename(path), candidates, n=3, cutoff=0.5)
         if close:
-            hint = " Did you mean " + " or ".join(os.path.join(os.path.dirname(path), c) for c in close) + "?"
+            hint = (
+                " Did you mean "
+                + " or ".join(os.path.join(os.path.dirname(path), c) for c in close)
+                + "?"
+            )
     else:
         hint = f" (its directory {parent} does not exist either)"
     return FileNotFoundError(f"{what} {path} does not exist.{hint}")
@@ -178,7 +188,7 @@ def merge_config_list(cfg, opts, source="command-line override"):
     if len(opts) % 2:
         raise ConfigValueError(
             f"{source}s must be KEY VALUE pairs, got an odd number of items: {opts}. "
-            "Put them after all --flags, and quote values with spaces: SOLVER.STEPS \"(100, 200)\""
+            'Put them after all --flags, and quote values with spaces: SOLVER.STEPS "(100, 200)"'
         )
     for key, value in zip(opts[0::2], opts[1::2]):
         try:
@@ -187,7 +197,7 @@ def merge_config_list(cfg, opts, source="command-line override"):
             if "Non-existent key" in str(e):
                 raise _unknown_key_error(cfg, key, f"{source} {key} {value}") from None
             raise ConfigValueError(f"{source} {key} {value}: {e}") from None
-        except KeyError as e:
+        except KeyError:
             raise _unknown_key_error(cfg, key, f"{source} {key} {value}") from None
         except ValueError as e:
             raise _value_error(e, f"{source} {key} {value}") from None
@@ -226,7 +236,10 @@ def check_solver_steps(cfg: CfgNode) -> CfgNode:
         logger.warning(
             "SOLVER.STEPS %s: %s at or after SOLVER.MAX_ITER %d never take effect and are dropped "
             "(SOLVER.STEPS is now %s)",
-            steps, dropped, max_iter, kept,
+            steps,
+            dropped,
+            max_iter,
+            kept,
         )
         solver.STEPS = kept
     return cfg

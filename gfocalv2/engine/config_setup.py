@@ -1,11 +1,11 @@
 """The config of a run: :func:`build_cfg` (Detectron2's defaults + gfocalv2's keys + a config
 file + overrides + ``--register-coco``, every error naming the key and where it came from) and
 :func:`setup_cfg` (the same, plus Detectron2's ``default_setup`` for training scripts)."""
+
 import logging
 import os
 
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 def _fall_back_to_cpu(cfg):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE is %r but CUDA is not available: using MODEL.DEVICE cpu", cfg.MODEL.DEVICE)
+        logger.warning(
+            "MODEL.DEVICE is %r but CUDA is not available: using MODEL.DEVICE cpu", cfg.MODEL.DEVICE
+        )
         cfg.MODEL.DEVICE = "cpu"
 
 
@@ -43,13 +45,19 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
         merge_config_file(cfg, config_file)  # errors name the file, the key and close matches
     if opts:
         if len(opts) % 2:
-            raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number of items: {list(opts)}")
+            raise ValueError(
+                f"config overrides must be KEY VALUE pairs, got an odd number of items: {list(opts)}"
+            )
         merge_config_list(cfg, list(opts))
     if register_coco:
-        cfg.DATASETS.REGISTER_COCO = [list(e) for e in cfg.DATASETS.REGISTER_COCO] + [list(e) for e in register_coco]
+        cfg.DATASETS.REGISTER_COCO = [list(e) for e in cfg.DATASETS.REGISTER_COCO] + [
+            list(e) for e in register_coco
+        ]
     check_solver_steps(cfg)  # steps >= MAX_ITER dropped with a warning, bad steps refused
     _fall_back_to_cpu(cfg)
-    resolve_memory_format(cfg.TEST.MEMORY_FORMAT, cfg.MODEL.DEVICE)  # a bad value fails now, not after training
+    resolve_memory_format(
+        cfg.TEST.MEMORY_FORMAT, cfg.MODEL.DEVICE
+    )  # a bad value fails now, not after training
     if freeze:
         cfg.freeze()
     register_coco_datasets(cfg.DATASETS.REGISTER_COCO)
@@ -73,5 +81,7 @@ def setup_cfg(args, freeze=True):
         probe.setLevel(level)
     # This package's messages, like Detectron2's: on the console of rank 0 only, and in
     # OUTPUT_DIR/log.txt (log.txt.rankN for the other processes).
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gfocalv2", abbrev_name="gfocal")
+    setup_logger(
+        cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gfocalv2", abbrev_name="gfocal"
+    )
     return cfg

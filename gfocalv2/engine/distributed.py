@@ -19,6 +19,7 @@ without it (N CPU processes on the gloo backend, the same semantics).
 
 How the processes stop together (a failure in one, SIGTERM): :mod:`gfocalv2.engine.faults`.
 """
+
 import inspect
 import logging
 import os
@@ -28,12 +29,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-
 from detectron2.engine import create_ddp_model as _detectron2_create_ddp_model
 from detectron2.engine import launch as _detectron2_launch
 from detectron2.utils import comm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import compat
 from .config_checks import ConfigError
@@ -91,7 +91,11 @@ def check_launch(cfg, num_gpus_per_machine, num_machines=1, training=True):
             f"SOLVER.IMS_PER_BATCH {total} cannot be split evenly over {world_size} processes "
             f"(--num-gpus {num_gpus_per_machine} x --num-machines {num_machines}): each process takes "
             f"IMS_PER_BATCH / processes images per step. Set SOLVER.IMS_PER_BATCH to a multiple of {world_size}"
-            + (f", or use a number of processes that divides {total} ({', '.join(map(str, fits))})." if fits else ".")
+            + (
+                f", or use a number of processes that divides {total} ({', '.join(map(str, fits))})."
+                if fits
+                else "."
+            )
         )
 
 
@@ -123,11 +127,23 @@ def _cpu_threads_per_process(num_processes):
     return max(1, (os.cpu_count() or 1) // num_processes)
 
 
-def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout, threads):
+def _cpu_worker(
+    local_rank,
+    main_func,
+    world_size,
+    num_per_machine,
+    machine_rank,
+    dist_url,
+    args,
+    timeout,
+    threads,
+):
     StopSignals().__enter__()  # for the life of this process (see faults.StopSignals)
     global_rank = machine_rank * num_per_machine + local_rank
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout)
+    dist.init_process_group(
+        "gloo", init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+    )
     compat.create_local_process_group(num_per_machine, machine_rank)
     comm.synchronize()
     try:
@@ -155,15 +171,22 @@ def launch(
     """
     if _uses_cuda(device):
         return _detectron2_launch(
-            main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
-            dist_url=dist_url, args=args, timeout=timeout,
+            main_func,
+            num_gpus_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=args,
+            timeout=timeout,
         )
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         return main_func(*args)
     if dist_url is None or dist_url == "auto":
         if num_machines > 1:
-            raise LaunchError("--dist-url auto works on one machine only: give tcp://HOST:PORT of machine 0.")
+            raise LaunchError(
+                "--dist-url auto works on one machine only: give tcp://HOST:PORT of machine 0."
+            )
         from detectron2.engine.launch import _find_free_port
 
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
@@ -171,12 +194,22 @@ def launch(
     # Printed: the launching process has no logger set up, and this is the one thing it says.
     print(
         f"Starting {num_gpus_per_machine} CPU processes on the gloo backend ({threads} thread(s) each): CPU "
-        "processes check a multi-process set-up, they do not make training faster.", flush=True,
+        "processes check a multi-process set-up, they do not make training faster.",
+        flush=True,
     )
     context = mp.start_processes(
         _cpu_worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, threads),
+        args=(
+            main_func,
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+            threads,
+        ),
         daemon=False,
         start_method="spawn",
         join=False,
@@ -240,7 +273,10 @@ def create_ddp_model(model, **kwargs):
     if comm.get_world_size() > 1 and "device_ids" not in kwargs:
         device = next(model.parameters()).device
         kwargs["device_ids"] = [comm.get_local_rank()] if device.type == "cuda" else None
-    if "broadcast_buffers" in kwargs and "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+    if (
+        "broadcast_buffers" in kwargs
+        and "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    ):
         kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
     return _detectron2_create_ddp_model(model, **kwargs)
 
@@ -250,10 +286,12 @@ def _diverging_batch_norms(model):
     from detectron2.layers import NaiveSyncBatchNorm
 
     return [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, nn.modules.batchnorm._BatchNorm)
         and not isinstance(module, (nn.SyncBatchNorm, NaiveSyncBatchNorm))
-        and module.training and module.track_running_stats
+        and module.training
+        and module.track_running_stats
     ]
 
 
@@ -287,6 +325,11 @@ def launch_from_args(main_func, args, *, prepare=None):
     if prepare is not None:
         prepare(cfg)
     return launch(
-        main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-        dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE,
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=cfg.MODEL.DEVICE,
     )

@@ -1,5 +1,6 @@
 """Evaluation as Detectron2 does it (``COCOEvaluator``), with one fix: a model that predicts
 nothing on a whole dataset gets AP 0 for every metric, not NaN or ``{}``."""
+
 import logging
 import math
 import os
@@ -52,8 +53,16 @@ class NothingPredictedEvaluator(DatasetEvaluator):
 
     def evaluate(self):
         results = self.evaluator.evaluate()
-        total = sum(comm.all_gather(self._num_instances)) if comm.get_world_size() > 1 else self._num_instances
-        images = sum(comm.all_gather(self._num_images)) if comm.get_world_size() > 1 else self._num_images
+        total = (
+            sum(comm.all_gather(self._num_instances))
+            if comm.get_world_size() > 1
+            else self._num_instances
+        )
+        images = (
+            sum(comm.all_gather(self._num_images))
+            if comm.get_world_size() > 1
+            else self._num_images
+        )
         if total > 0 or not comm.is_main_process():
             return results
         from detectron2.data import MetadataCatalog
@@ -64,11 +73,16 @@ class NothingPredictedEvaluator(DatasetEvaluator):
             bbox[f"AP-{name}"] = 0.0
         for task, values in list(results.items()):
             if isinstance(values, dict):
-                results[task] = OrderedDict((k, 0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items())
+                results[task] = OrderedDict(
+                    (k, 0.0 if isinstance(v, float) and math.isnan(v) else v)
+                    for k, v in values.items()
+                )
                 for k in bbox:
                     results[task].setdefault(k, 0.0)
         results.setdefault("bbox", bbox)
         logger.warning(
-            "The model predicted no box on %s (%d images): every AP is reported as 0", self.dataset_name, images
+            "The model predicted no box on %s (%d images): every AP is reported as 0",
+            self.dataset_name,
+            images,
         )
         return results

@@ -3,13 +3,13 @@ SIGINT, with the last good state saved by rank 0 before any process exits. Used 
 :class:`~gfocalv2.engine.trainer.Trainer` and the CPU launcher of
 :mod:`gfocalv2.engine.distributed`; with one process, only the signal handling remains.
 """
+
 import logging
 import signal
 import threading
 from datetime import timedelta
 
 import torch.distributed as dist
-
 from detectron2.utils import comm
 
 __all__ = ["ProcessFaults", "ProcessFailedError", "StopSignals", "stop_signal"]
@@ -62,8 +62,10 @@ def _record_stop(signum, frame):
         if _sigints > 1:  # Ctrl-C again: the user does not want to wait for the step to end
             raise KeyboardInterrupt
     if _stop_signal is None:
-        logger.warning("%s received: stopping after the current iteration, with a checkpoint",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "%s received: stopping after the current iteration, with a checkpoint",
+            signal.Signals(signum).name,
+        )
     _stop_signal = signum
 
 

@@ -15,10 +15,10 @@ Differences from ``detectron2.engine.DefaultPredictor``:
   checkpoints (``GFocalCheckpointer`` refuses, saying so; build a new ``Predictor`` for
   other weights).
 """
+
 import logging
 
 import torch
-
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
@@ -47,11 +47,15 @@ class Predictor(DefaultPredictor):
         checkpointer_for(cfg, self.model).load(cfg.MODEL.WEIGHTS)
         optimize_for_inference(self.model, cfg)
         self.aug = SafeResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST, backend=resize_backend(cfg)
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST],
+            cfg.INPUT.MAX_SIZE_TEST,
+            backend=resize_backend(cfg),
         )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for the predictor, got {self.input_format!r}")
+            raise ValueError(
+                f"INPUT.FORMAT must be 'RGB' or 'BGR' for the predictor, got {self.input_format!r}"
+            )
 
     def __call__(self, original_image):
         original_image = to_three_channels(original_image, "the predictor's input image")

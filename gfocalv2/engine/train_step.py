@@ -17,12 +17,12 @@ and the optimizer carries a step pre-hook (:func:`check_gradients_before_update`
   autocast instead (bfloat16 has float32's exponent range: no loss scaling is needed; the
   model computes its losses in float32 either way).
 """
+
 import contextlib
 import logging
 
 import torch
 import torch.distributed as dist
-
 from detectron2.utils import comm
 
 __all__ = [
@@ -205,7 +205,9 @@ class GuardedModel:
         if not finite:
             it = self._get_iteration()
             values = {
-                k: float(v.detach().float().sum()) for k, v in losses.items() if isinstance(v, torch.Tensor)
+                k: float(v.detach().float().sum())
+                for k, v in losses.items()
+                if isinstance(v, torch.Tensor)
             }
             images = self.last_batch
             terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
@@ -229,7 +231,9 @@ def check_gradients_before_update(optimizer, guarded_model, get_iteration, on_up
     and images for the message. Returns the hook's handle (``.remove()``)."""
 
     def check(opt, args, kwargs):
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        grads = [
+            p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None
+        ]
         if not all_finite_tensors(grads):
             it = get_iteration()
             values = {k: float(v.float().sum()) for k, v in guarded_model.last_losses.items()}

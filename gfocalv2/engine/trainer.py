@@ -29,6 +29,7 @@ last iteration, ``metrics.json`` + TensorBoard events + console log with ETA,
 * Evaluation: ``COCOEvaluator`` on an optimized copy of the model (``TEST.FOLD_BATCHNORM``,
   ``TEST.MEMORY_FORMAT``); a model that predicts nothing gets AP 0, not NaN.
 """
+
 import contextlib
 import logging
 import os
@@ -47,7 +48,12 @@ from .checkpoint import checkpointer_for
 from .distributed import check_batch_norm_across_processes, create_ddp_model
 from .evaluation import build_coco_evaluator
 from .faults import ProcessFailedError, ProcessFaults, StopSignals, stop_signal
-from .train_step import GuardedModel, NonFiniteLossError, all_finite_tensors, check_gradients_before_update
+from .train_step import (
+    GuardedModel,
+    NonFiniteLossError,
+    all_finite_tensors,
+    check_gradients_before_update,
+)
 
 __all__ = ["Trainer", "TrainingInterrupted", "DataSeedHook"]
 
@@ -115,11 +121,16 @@ class Trainer(DefaultTrainer):
         inner = AMPTrainer if cfg.SOLVER.AMP.ENABLED and not on_cpu else SimpleTrainer
         self._trainer = inner(self._guarded_model, data_loader, optimizer)
         check_gradients_before_update(
-            optimizer, self._guarded_model, lambda: self.iter, lambda: setattr(self, "_update_started", True)
+            optimizer,
+            self._guarded_model,
+            lambda: self.iter,
+            lambda: setattr(self, "_update_started", True),
         )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = checkpointer_for(cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = checkpointer_for(
+            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -174,7 +185,9 @@ class Trainer(DefaultTrainer):
         loader = self._trainer.data_loader
         loader.set_start_iter(self.start_iter)  # before its first batch: the loader starts lazily
         if self.start_iter:
-            logger.info("Training data resumes at iteration %d (seed %d)", self.start_iter, loader.seed)
+            logger.info(
+                "Training data resumes at iteration %d (seed %d)", self.start_iter, loader.seed
+            )
 
     def state_dict(self):
         # Detectron2 0.6's DefaultTrainer saves neither the optimizer nor the AMP grad scaler
@@ -264,7 +277,9 @@ class Trainer(DefaultTrainer):
             yield
         except BaseException as e:
             self._failed = True
-            if save is not None and isinstance(e, Exception):  # not on KeyboardInterrupt, SystemExit
+            if save is not None and isinstance(
+                e, Exception
+            ):  # not on KeyboardInterrupt, SystemExit
                 self._stop_together(e, save)
             raise
 
@@ -287,7 +302,12 @@ class Trainer(DefaultTrainer):
                 f"Stopped at iteration {self.iter} because process {other[0]} failed: {other[1]} {saved}"
             ) from error
         if alone and self._faults.enabled:
-            logger.error("Iteration %d failed in this process (rank %d). %s", self.iter, comm.get_rank(), saved)
+            logger.error(
+                "Iteration %d failed in this process (rank %d). %s",
+                self.iter,
+                comm.get_rank(),
+                saved,
+            )
         return saved
 
     def _share_save(self, saved):
@@ -307,7 +327,9 @@ class Trainer(DefaultTrainer):
         if not all_finite_tensors(list(model.parameters()) + list(model.buffers())):
             has_last = self.checkpointer.has_checkpoint()
             last = self.checkpointer.get_checkpoint_file() if has_last else None
-            logger.error("The model's weights are not finite: not saving them over the last checkpoint")
+            logger.error(
+                "The model's weights are not finite: not saving them over the last checkpoint"
+            )
             return (
                 "The model's weights had already become non-finite (an earlier update diverged), so they "
                 f"were not saved; the last good checkpoint is {last or '(none: start over)'}."
@@ -325,7 +347,9 @@ class Trainer(DefaultTrainer):
             return "The main process saves the state."
         it = self.iter
         try:
-            self.iter = iteration  # the trainer state stores self.iter as the iteration just finished
+            self.iter = (
+                iteration  # the trainer state stores self.iter as the iteration just finished
+            )
             self.checkpointer.save(name, iteration=iteration)
         except Exception as err:  # noqa: BLE001  (never hide the original error)
             logger.error("Could not save %s to %s: %s", what, path, err)

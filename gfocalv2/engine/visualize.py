@@ -1,13 +1,13 @@
 """Drawing predictions with Detectron2's Visualizer, shared by the demo tool and projects."""
+
 import os
 
 import numpy as np
-
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .datasets import get_thing_classes
+from ..data.datasets import get_thing_classes
 
 __all__ = ["metadata_for", "draw_predictions", "visualize_files"]
 
@@ -47,7 +47,9 @@ def visualize_files(predictor, metadata, image_files, output_dir, score_threshol
     for path in image_files:
         img_bgr = read_image(path, format="BGR")
         predictions = predictor(img_bgr)["instances"].to("cpu")
-        drawing = draw_predictions(np.ascontiguousarray(img_bgr[:, :, ::-1]), predictions, metadata, score_threshold, scale)
+        drawing = draw_predictions(
+            np.ascontiguousarray(img_bgr[:, :, ::-1]), predictions, metadata, score_threshold, scale
+        )
         out = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + "_pred.png")
         cv2.imwrite(out, drawing[:, :, ::-1])
         written.append(out)

@@ -15,11 +15,11 @@ its valid anchors only, they are never candidates, so they neither become positi
 enter the IoU statistics; a level with fewer valid anchors than ``topk`` gives fewer
 candidates.
 """
+
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-
 
 __all__ = ["atss_assign"]
 
@@ -62,7 +62,9 @@ def atss_assign(
     start = 0
     for num in num_anchors_per_level:
         valid = None if anchor_valid is None else anchor_valid[:, start : start + num]
-        nearest = _nearest(anchor_centers[start : start + num], gt_centers, min(topk, num), valid)  # (N, k, G)
+        nearest = _nearest(
+            anchor_centers[start : start + num], gt_centers, min(topk, num), valid
+        )  # (N, k, G)
         candidates.append(nearest + start)
         start += num
     candidates = torch.cat(candidates, dim=1)  # (N, K, G), K = sum of per-level k
@@ -70,13 +72,17 @@ def atss_assign(
     # IoUs of the candidates only: the IoU of every anchor with every box is never needed.
     candidate_ious = _iou(anchors[candidates], gt_boxes[:, None])  # (N, K, G)
     if anchor_valid is None:
-        threshold = candidate_ious.mean(dim=1, keepdim=True) + candidate_ious.std(dim=1, keepdim=True)
+        threshold = candidate_ious.mean(dim=1, keepdim=True) + candidate_ious.std(
+            dim=1, keepdim=True
+        )
         candidate_valid = None
     else:
         # Invalid anchors are ranked last on each level, so they are among the candidates
         # only where a level has fewer than topk valid anchors: leave them out of the
         # statistics (mean and unbiased std over the valid candidates, as the reference).
-        candidate_valid = anchor_valid.gather(1, candidates.flatten(1)).view_as(candidates)  # (N, K, G)
+        candidate_valid = anchor_valid.gather(1, candidates.flatten(1)).view_as(
+            candidates
+        )  # (N, K, G)
         threshold = _masked_mean_plus_std(candidate_ious, candidate_valid)
 
     cx = anchor_centers[:, 0][candidates]  # (N, K, G)
@@ -88,7 +94,9 @@ def atss_assign(
     if candidate_valid is not None:
         is_candidate_pos &= candidate_valid
     neg_inf = torch.full_like(candidate_ious, float("-inf"))
-    claimed = torch.full((N, A, G), float("-inf"), dtype=candidate_ious.dtype, device=anchors.device).scatter_(
+    claimed = torch.full(
+        (N, A, G), float("-inf"), dtype=candidate_ious.dtype, device=anchors.device
+    ).scatter_(
         1, candidates, torch.where(is_candidate_pos, candidate_ious, neg_inf)
     )  # (N, A, G): IoU where the anchor is a positive candidate of the box, else -inf
     best_iou, matched_idx = claimed.max(dim=2)  # first maximum on ties
@@ -142,6 +150,8 @@ def _iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     ``pairwise_iou`` does (same operations, same results; 0 where the boxes do not overlap)."""
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    wh = (
+        torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])
+    ).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     return torch.where(inter > 0, inter / (area1 + area2 - inter), torch.zeros_like(inter))

@@ -15,9 +15,9 @@ the DigitScenes comparison (``projects/DigitScenes/train_digits.py --compare``) 
 
 Everything Detectron2-specific is imported when a model is built, not at import time.
 """
-from torch import nn
 
 from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
 
 from .backbone.resnet import resolve_norm
 

@@ -4,6 +4,7 @@ A box is regressed from a point (the anchor centre) as distances
 (left, top, right, bottom), each a discrete distribution over {0, 1, ..., reg_max}
 in stride units; the distance is the distribution's expectation.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,7 +36,9 @@ def box_to_distance(points: Tensor, boxes: Tensor) -> Tensor:
     return torch.cat([points - boxes[..., :2], boxes[..., 2:] - points], dim=-1)
 
 
-def distance_targets(points: Tensor, boxes: Tensor, strides: Tensor, reg_max: int, eps: float = 0.1) -> Tensor:
+def distance_targets(
+    points: Tensor, boxes: Tensor, strides: Tensor, reg_max: int, eps: float = 0.1
+) -> Tensor:
     """Regression (DFL) targets: the ltrb distances from the points to the boxes in stride units,
     clamped to [0, reg_max - eps].
 

@@ -1,14 +1,14 @@
 """The GFocal head: shared classification/regression towers, the general-distribution
 box branch, and GFLV2's Distribution-Guided Quality Predictor (DGQP)."""
+
 import math
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
+from torch import Tensor, nn
 
 __all__ = ["GFocalHead", "Scale", "DistributionGuidedQualityPredictor"]
 
@@ -36,7 +36,9 @@ class DistributionGuidedQualityPredictor(nn.Sequential):
 
     def __init__(self, reg_max: int, topk: int, add_mean: bool, channels: int):
         in_channels = 4 * (topk + int(add_mean))
-        super().__init__(nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True), nn.Conv2d(channels, 1, 1))
+        super().__init__(
+            nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True), nn.Conv2d(channels, 1, 1)
+        )
         self.reg_max, self.topk, self.add_mean = reg_max, topk, add_mean
 
     def forward(self, box_logits: Tensor) -> Tensor:
@@ -73,12 +75,16 @@ class GFocalHead(nn.Module):
         super().__init__()
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
-            raise ValueError(f"GFocalHead shares its convs over levels: all input levels need the same channels, got {sorted(channels)}")
+            raise ValueError(
+                f"GFocalHead shares its convs over levels: all input levels need the same channels, got {sorted(channels)}"
+            )
         in_channels = channels.pop()
         if reg_max < 1:
             raise ValueError(f"MODEL.GFOCAL.REG_MAX must be >= 1, got {reg_max}")
         if dgqp_enabled and not 1 <= dgqp_topk <= reg_max + 1:
-            raise ValueError(f"MODEL.GFOCAL.DGQP_TOPK must be in [1, REG_MAX + 1 = {reg_max + 1}], got {dgqp_topk}")
+            raise ValueError(
+                f"MODEL.GFOCAL.DGQP_TOPK must be in [1, REG_MAX + 1 = {reg_max + 1}], got {dgqp_topk}"
+            )
         self.num_classes = num_classes
         self.reg_max = reg_max
 
@@ -98,7 +104,9 @@ class GFocalHead(nn.Module):
         self.bbox_pred = nn.Conv2d(in_channels, 4 * (reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in input_shape])
         self.dgqp = (
-            DistributionGuidedQualityPredictor(reg_max, dgqp_topk, dgqp_add_mean, dgqp_channels) if dgqp_enabled else None
+            DistributionGuidedQualityPredictor(reg_max, dgqp_topk, dgqp_add_mean, dgqp_channels)
+            if dgqp_enabled
+            else None
         )
 
         for module in self.modules():

@@ -20,15 +20,15 @@ not train or save an optimized model.
 The GroupNorm of the GFocal head normalizes with statistics of its input, so it cannot be
 folded; the head is only affected by the memory format.
 """
+
 import copy
 import logging
 
 import torch
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.fusion import fuse_conv_bn_weights
-
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
 from .backbone.resnet import DeformConv2d, EvalBatchNorm2d
 
@@ -70,7 +70,9 @@ def fold_batchnorm(model: nn.Module) -> int:
     activation). Returns the number of folded norms. The model must be in eval mode.
     """
     if model.training:
-        raise ValueError("fold_batchnorm changes the model for inference only: call model.eval() first")
+        raise ValueError(
+            "fold_batchnorm changes the model for inference only: call model.eval() first"
+        )
     folded = 0
     for module in model.modules():
         if not isinstance(module, (Conv2d, DeformConv2d)) or module.norm is None:
@@ -79,7 +81,13 @@ def fold_batchnorm(model: nn.Module) -> int:
             continue
         norm = module.norm
         module.weight, module.bias = fuse_conv_bn_weights(
-            module.weight, module.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+            module.weight,
+            module.bias,
+            norm.running_mean,
+            norm.running_var,
+            norm.eps,
+            norm.weight,
+            norm.bias,
         )
         module.norm = None
         setattr(module, FOLDED_ATTR, True)
@@ -98,9 +106,11 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 
 
 def resolve_memory_format(memory_format: str, device) -> str:
-    """"auto" -> "channels_last" on CPU, "contiguous" on other devices (not measured there)."""
+    """ "auto" -> "channels_last" on CPU, "contiguous" on other devices (not measured there)."""
     if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"TEST.MEMORY_FORMAT must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+        raise ValueError(
+            f"TEST.MEMORY_FORMAT must be one of {MEMORY_FORMATS}, got {memory_format!r}"
+        )
     if memory_format == "auto":
         return "channels_last" if torch.device(device).type == "cpu" else "contiguous"
     return memory_format
@@ -133,4 +143,3 @@ def optimized_copy(model: nn.Module, cfg) -> nn.Module:
     for p in duplicate.parameters():  # gradients of the training step are not needed (memory)
         p.grad = None
     return optimize_for_inference(duplicate, cfg)
-

@@ -5,6 +5,7 @@ does (see :meth:`gfocalv2.modeling.meta_arch.GFocalV2.losses`). Both run in floa
 with autocast off: binary cross-entropy on probabilities is rejected by autocast and
 overflows in half precision.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,7 +25,9 @@ def _float32_no_autocast(fn):
 
 
 @_float32_no_autocast
-def quality_focal_loss(pred: Tensor, label: Tensor, score: Tensor, beta: float = 2.0, use_sigmoid: bool = False) -> Tensor:
+def quality_focal_loss(
+    pred: Tensor, label: Tensor, score: Tensor, beta: float = 2.0, use_sigmoid: bool = False
+) -> Tensor:
     """Quality Focal Loss (GFL paper, eq. 5), summed over classes.
 
     ``QFL(s) = -|y - s|^beta * ((1 - y) log(1 - s) + y log(s))`` for every class, where

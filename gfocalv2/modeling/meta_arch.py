@@ -3,23 +3,23 @@
 images -> backbone/FPN -> GFocalHead -> training: ATSS targets + QFL/GIoU/DFL
                                     -> inference: joint scores, per-level top-k, decode, class-wise NMS
 """
+
 import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torchvision
-from fvcore.nn import giou_loss
-from torch import Tensor, nn
-
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, batched_nms, cat
+from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils import comm
+from fvcore.nn import giou_loss
+from torch import Tensor, nn
 
 from .atss import atss_assign
 from .backbone.fpn import unread_level_parameters
@@ -81,7 +81,9 @@ class GFocalV2(DenseDetector):
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
-        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
         cell_anchors = anchor_generator.num_cell_anchors
         if any(n != 1 for n in cell_anchors):
             raise ValueError(
@@ -92,9 +94,13 @@ class GFocalV2(DenseDetector):
         shapes = backbone.output_shape()
         feature_strides = [shapes[f].stride for f in head_in_features]
         if list(anchor_generator.strides) != feature_strides:
-            raise ValueError(f"Anchor strides {anchor_generator.strides} differ from the strides {feature_strides} of {head_in_features}")
+            raise ValueError(
+                f"Anchor strides {anchor_generator.strides} differ from the strides {feature_strides} of {head_in_features}"
+            )
         if num_classes != head.num_classes:
-            raise ValueError(f"num_classes {num_classes} differs from the head's {head.num_classes}")
+            raise ValueError(
+                f"num_classes {num_classes} differs from the head's {head.num_classes}"
+            )
         if atss_topk < 1:
             raise ValueError(f"MODEL.GFOCAL.ATSS_TOPK must be >= 1, got {atss_topk}")
         levels, unused = unread_level_parameters(self, "backbone", backbone, head_in_features)
@@ -161,10 +167,15 @@ class GFocalV2(DenseDetector):
     def _anchors(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         """Per level: (A_l, 4) anchor boxes and (A_l,) strides."""
         anchors = [a.tensor for a in self.anchor_generator(features)]
-        strides = [torch.full((len(a),), float(s), device=a.device) for a, s in zip(anchors, self.anchor_generator.strides)]
+        strides = [
+            torch.full((len(a),), float(s), device=a.device)
+            for a, s in zip(anchors, self.anchor_generator.strides)
+        ]
         return anchors, strides
 
-    def _valid_locations(self, features: List[Tensor], image_sizes: List[Tuple[int, int]]) -> Optional[List[Tensor]]:
+    def _valid_locations(
+        self, features: List[Tensor], image_sizes: List[Tuple[int, int]]
+    ) -> Optional[List[Tensor]]:
         """Per level, (N, H_l * W_l) bool: whether each location lies inside its own image's
         padded size; None when every location of every image does.
 
@@ -187,7 +198,9 @@ class GFocalV2(DenseDetector):
             pad_h, pad_w = -(-h // div) * div, -(-w // div) * div  # ceil to a multiple of div
             rows.append([min(-(-pad_h // s), H) for s, (H, _) in zip(strides, shapes)])
             cols.append([min(-(-pad_w // s), W) for s, (_, W) in zip(strides, shapes)])
-        if all(r == [H for H, _ in shapes] for r in rows) and all(c == [W for _, W in shapes] for c in cols):
+        if all(r == [H for H, _ in shapes] for r in rows) and all(
+            c == [W for _, W in shapes] for c in cols
+        ):
             return None
         device = features[0].device
         valid = []
@@ -204,7 +217,11 @@ class GFocalV2(DenseDetector):
         cls_logits, box_logits, quality_logits = predictions
         cls = cat([permute_to_N_HWA_K(x, self.num_classes) for x in cls_logits], dim=1)
         box = cat([permute_to_N_HWA_K(x, 4 * (self.reg_max + 1)) for x in box_logits], dim=1)
-        quality = cat([permute_to_N_HWA_K(x, 1) for x in quality_logits], dim=1) if self.dgqp_enabled else None
+        quality = (
+            cat([permute_to_N_HWA_K(x, 1) for x in quality_logits], dim=1)
+            if self.dgqp_enabled
+            else None
+        )
         return cls, box, quality
 
     def joint_scores(self, cls_logits: Tensor, quality_logits: Optional[Tensor]) -> Tensor:
@@ -215,15 +232,29 @@ class GFocalV2(DenseDetector):
         return scores
 
     # ---------------------------------------------------------------- training
-    def forward_training(self, images: ImageList, features: List[Tensor], predictions, gt_instances: List[Instances]):
+    def forward_training(
+        self, images: ImageList, features: List[Tensor], predictions, gt_instances: List[Instances]
+    ):
         anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos, valid = self.label_anchors(
             features, gt_instances, images.image_sizes
         )
-        return self.losses(anchors, strides, self._flatten(predictions), gt_boxes, gt_classes, matched_idx, is_pos, valid)
+        return self.losses(
+            anchors,
+            strides,
+            self._flatten(predictions),
+            gt_boxes,
+            gt_classes,
+            matched_idx,
+            is_pos,
+            valid,
+        )
 
     @torch.no_grad()
     def label_anchors(
-        self, features: List[Tensor], gt_instances: List[Instances], image_sizes: Optional[List[Tuple[int, int]]] = None
+        self,
+        features: List[Tensor],
+        gt_instances: List[Instances],
+        image_sizes: Optional[List[Tuple[int, int]]] = None,
     ):
         """Training targets: the anchors and their ATSS assignment.
 
@@ -244,7 +275,9 @@ class GFocalV2(DenseDetector):
         valid = None if image_sizes is None else self._valid_locations(features, image_sizes)
         valid = None if valid is None else cat(valid, dim=1)
         gt_boxes, gt_classes, gt_valid = self._pad_ground_truth(gt_instances)
-        matched_idx, is_pos = atss_assign(anchors, num_per_level, gt_boxes, gt_valid, self.atss_topk, anchor_valid=valid)
+        matched_idx, is_pos = atss_assign(
+            anchors, num_per_level, gt_boxes, gt_valid, self.atss_topk, anchor_valid=valid
+        )
         return anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos, valid
 
     def _pad_ground_truth(self, gt_instances: List[Instances]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -262,7 +295,15 @@ class GFocalV2(DenseDetector):
         return boxes, classes, valid
 
     def losses(
-        self, anchors, strides, flat_predictions, gt_boxes, gt_classes, matched_idx, is_pos, valid=None
+        self,
+        anchors,
+        strides,
+        flat_predictions,
+        gt_boxes,
+        gt_classes,
+        matched_idx,
+        is_pos,
+        valid=None,
     ) -> Dict[str, Tensor]:
         """QFL, GIoU and DFL, normalized as the reference does.
 
@@ -292,17 +333,29 @@ class GFocalV2(DenseDetector):
 
             matched_boxes = gt_boxes.gather(1, matched_idx[..., None].expand(N, A, 4))
             target_boxes = torch.where(is_pos[..., None], matched_boxes, anchors.expand(N, A, 4))
-            labels = torch.where(is_pos, gt_classes.gather(1, matched_idx), torch.full_like(matched_idx, C))
+            labels = torch.where(
+                is_pos, gt_classes.gather(1, matched_idx), torch.full_like(matched_idx, C)
+            )
 
-            iou = matched_pairwise_iou(Boxes(pred_boxes.detach().reshape(-1, 4)), Boxes(target_boxes.reshape(-1, 4)))
-            iou_target = torch.where(is_pos.reshape(-1), iou.clamp(min=0.0).nan_to_num(0.0), torch.zeros_like(iou))
+            iou = matched_pairwise_iou(
+                Boxes(pred_boxes.detach().reshape(-1, 4)), Boxes(target_boxes.reshape(-1, 4))
+            )
+            iou_target = torch.where(
+                is_pos.reshape(-1), iou.clamp(min=0.0).nan_to_num(0.0), torch.zeros_like(iou)
+            )
 
             scores = self.joint_scores(cls_logits, quality_logits)  # (N, A, C)
             if self.dgqp_enabled:
-                qfl = quality_focal_loss(scores.reshape(-1, C), labels.reshape(-1), iou_target, self.qfl_beta)
+                qfl = quality_focal_loss(
+                    scores.reshape(-1, C), labels.reshape(-1), iou_target, self.qfl_beta
+                )
             else:
                 qfl = quality_focal_loss(
-                    cls_logits.float().reshape(-1, C), labels.reshape(-1), iou_target, self.qfl_beta, use_sigmoid=True
+                    cls_logits.float().reshape(-1, C),
+                    labels.reshape(-1),
+                    iou_target,
+                    self.qfl_beta,
+                    use_sigmoid=True,
                 )
             qfl = qfl.reshape(N, A)
             if valid is not None:  # where, not a product: no 0 x inf from garbage in the padding
@@ -312,11 +365,19 @@ class GFocalV2(DenseDetector):
             num_pos = _reduce_mean(is_pos.sum(dim=1).clamp(min=1).sum().float())
 
             # Each positive is weighted by its (detached) best joint score.
-            weight = torch.where(is_pos, scores.detach().amax(dim=-1), torch.zeros_like(scores[..., 0]))
+            weight = torch.where(
+                is_pos, scores.detach().amax(dim=-1), torch.zeros_like(scores[..., 0])
+            )
             weight_sum = _reduce_mean(weight.sum()).clamp(min=1e-6)
-            giou = giou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4), reduction="none").reshape(N, A)
-            target_dist = distance_targets(centers, target_boxes, strides, self.reg_max)  # (N, A, 4), <= reg_max - 0.1
-            dfl = distribution_focal_loss(box_logits.reshape(-1, self.reg_max + 1), target_dist.reshape(-1))
+            giou = giou_loss(
+                pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4), reduction="none"
+            ).reshape(N, A)
+            target_dist = distance_targets(
+                centers, target_boxes, strides, self.reg_max
+            )  # (N, A, 4), <= reg_max - 0.1
+            dfl = distribution_focal_loss(
+                box_logits.reshape(-1, self.reg_max + 1), target_dist.reshape(-1)
+            )
             dfl = dfl.reshape(N, A, 4).mean(dim=-1)
 
             return {
@@ -326,14 +387,18 @@ class GFocalV2(DenseDetector):
             }
 
     # --------------------------------------------------------------- inference
-    def forward_inference(self, images: ImageList, features: List[Tensor], predictions) -> List[Instances]:
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions
+    ) -> List[Instances]:
         anchors, strides = self._anchors(features)
         centers = [(a[:, :2] + a[:, 2:]) / 2 for a in anchors]
         cls_logits, box_logits, quality_logits = predictions
         C, bins = self.num_classes, 4 * (self.reg_max + 1)
         qualities = quality_logits if self.dgqp_enabled else [None] * len(cls_logits)
         scores = [
-            self.joint_scores(permute_to_N_HWA_K(c, C), None if q is None else permute_to_N_HWA_K(q, 1))
+            self.joint_scores(
+                permute_to_N_HWA_K(c, C), None if q is None else permute_to_N_HWA_K(q, 1)
+            )
             for c, q in zip(cls_logits, qualities)
         ]
         boxes = [permute_to_N_HWA_K(b, bins) for b in box_logits]
@@ -375,7 +440,9 @@ class GFocalV2(DenseDetector):
         ``max_detections_per_image`` kept.
         """
         cand_scores, cand_boxes, cand_valid = [], [], []
-        for level, (center, stride, score, box) in enumerate(zip(centers, strides, scores, box_logits)):
+        for level, (center, stride, score, box) in enumerate(
+            zip(centers, strides, scores, box_logits)
+        ):
             k = min(self.test_topk_candidates, score.shape[0])
             rank = score.amax(dim=1)  # (A_l,)
             if valid is not None:
@@ -398,9 +465,13 @@ class GFocalV2(DenseDetector):
         usable = boxes.nonempty()  # (K,)
         if valid is not None:
             usable = usable & cat(cand_valid)
-        loc_idx, class_idx = ((scores > self.test_score_thresh) & usable[:, None]).nonzero(as_tuple=True)
+        loc_idx, class_idx = ((scores > self.test_score_thresh) & usable[:, None]).nonzero(
+            as_tuple=True
+        )
         det_boxes, det_scores = boxes.tensor[loc_idx], scores[loc_idx, class_idx]
-        keep = _class_wise_nms(det_boxes, det_scores, class_idx, self.test_nms_thresh)[: self.max_detections_per_image]
+        keep = _class_wise_nms(det_boxes, det_scores, class_idx, self.test_nms_thresh)[
+            : self.max_detections_per_image
+        ]
         result = Instances(image_size)
         result.pred_boxes = Boxes(det_boxes[keep])
         result.scores = det_scores[keep]

@@ -10,6 +10,7 @@ It takes every flag of ``python -m gfocalv2.demo`` plus ``--data-root`` (where t
 cached, as for train_digits.py; generated there at first use, about 15 s). This is how a
 Detectron2 project adds its datasets to a tool: the package knows nothing of the project.
 """
+
 import os
 import sys
 

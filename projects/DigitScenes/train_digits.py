@@ -10,6 +10,7 @@
 
 It accepts every flag of the top-level train_net.py (--num-gpus, --register-coco, ...).
 """
+
 import os
 import sys
 import time
@@ -33,11 +34,21 @@ DEFAULT_CONFIG = os.path.join(_HERE, "configs", "gfocalv2_R_18_digits.yaml")
 def get_parser():
     parser = workflow_argument_parser(epilog=__doc__)
     parser.set_defaults(config_file=DEFAULT_CONFIG)
-    parser.add_argument("--gfl-v1", action="store_true", help="train GFL (V1): MODEL.GFOCAL.DGQP_ENABLED False")
-    parser.add_argument("--data-root", default=None, help="where the dataset is generated/cached "
-                        "(default: $DETECTRON2_DATASETS/digit_scenes, i.e. ./datasets/digit_scenes)")
-    parser.add_argument("--num-vis", type=int, default=8, help="number of val images to draw predictions on")
-    parser.add_argument("--vis-threshold", type=float, default=0.3, help="minimum score of drawn detections")
+    parser.add_argument(
+        "--gfl-v1", action="store_true", help="train GFL (V1): MODEL.GFOCAL.DGQP_ENABLED False"
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="where the dataset is generated/cached "
+        "(default: $DETECTRON2_DATASETS/digit_scenes, i.e. ./datasets/digit_scenes)",
+    )
+    parser.add_argument(
+        "--num-vis", type=int, default=8, help="number of val images to draw predictions on"
+    )
+    parser.add_argument(
+        "--vis-threshold", type=float, default=0.3, help="minimum score of drawn detections"
+    )
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -70,8 +81,14 @@ def run_comparison(args):
     rows = []
     for name, config in COMPARE_VARIANTS:
         out = os.path.join(out_root, os.path.splitext(config)[0])
-        cmd = [sys.executable, os.path.abspath(__file__), "--config-file", os.path.join(_HERE, "configs", config),
-               "--num-vis", "0"]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--config-file",
+            os.path.join(_HERE, "configs", config),
+            "--num-vis",
+            "0",
+        ]
         if args.data_root:
             cmd += ["--data-root", args.data_root]
         cmd += base_opts + ["OUTPUT_DIR", out]
@@ -83,11 +100,16 @@ def run_comparison(args):
         try:
             with open(os.path.join(out, "metrics.json")) as f:
                 evals = [r for r in map(json.loads, filter(str.strip, f)) if "bbox/AP" in r]
-            bbox = {k[5:]: v for k, v in evals[-1].items() if k.startswith("bbox/")} if evals else {}
+            bbox = (
+                {k[5:]: v for k, v in evals[-1].items() if k.startswith("bbox/")} if evals else {}
+            )
         except OSError:
             pass
         rows.append((name, config, rc, minutes, bbox))
-    lines = ["| detector | config | AP | AP50 | AP75 | APs | APm | wall time (min) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| detector | config | AP | AP50 | AP75 | APs | APm | wall time (min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, config, rc, minutes, b in rows:
         if rc != 0 or not b:
             lines.append(f"| {name} | {config} | failed (exit {rc}) | | | | | {minutes:.1f} |")
@@ -140,7 +162,9 @@ def draw_val_predictions(cfg, weights, num, threshold):
     files = [d["file_name"] for d in dataset[:num]]
     out_dir = os.path.join(cfg.OUTPUT_DIR, "visualizations")
     # The scenes are 160 px: draw at 3x so that labels stay legible.
-    return visualize_files(DefaultPredictor(cfg), metadata_for(cfg), files, out_dir, threshold, scale=3.0), out_dir
+    return visualize_files(
+        DefaultPredictor(cfg), metadata_for(cfg), files, out_dir, threshold, scale=3.0
+    ), out_dir
 
 
 def _short(path):
@@ -152,8 +176,15 @@ def _short(path):
 def main(args):
     start = time.perf_counter()
     cfg = setup_cfg(args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="digit_scenes", abbrev_name="digits")
-    if any(n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)):
+    setup_logger(
+        output=cfg.OUTPUT_DIR,
+        distributed_rank=comm.get_rank(),
+        name="digit_scenes",
+        abbrev_name="digits",
+    )
+    if any(
+        n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    ):
         register_digit_scenes(args.data_root)  # generates the data at first use
     output_dir = os.path.abspath(cfg.OUTPUT_DIR)
 
@@ -191,12 +222,16 @@ def main(args):
     ]
     if bbox:
         lines.append(
-            "  COCO bbox AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f}".format(**bbox)
+            "  COCO bbox AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f}".format(
+                **bbox
+            )
         )
     if not args.eval_only:
         lines.append(f"  checkpoint        {os.path.abspath(weights)}")
     if cfg.DATASETS.TEST:
-        lines.append(f"  predictions       {os.path.join(output_dir, 'inference', 'coco_instances_results.json')}")
+        lines.append(
+            f"  predictions       {os.path.join(output_dir, 'inference', 'coco_instances_results.json')}"
+        )
     lines += [
         f"  metrics / log     {os.path.join(output_dir, 'metrics.json')}, {os.path.join(output_dir, 'log.txt')}",
         f"  TensorBoard       tensorboard --logdir {output_dir}",
@@ -229,7 +264,9 @@ if __name__ == "__main__":
     args.opts = _opts_with_variant(args)
 
     def generate_data(cfg):  # once, before the processes start (each then reads the cached files)
-        if any(n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)):
+        if any(
+            n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+        ):
             register_digit_scenes(args.data_root)
 
     launch_from_args(main, args, prepare=generate_data)

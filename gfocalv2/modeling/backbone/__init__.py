@@ -3,19 +3,20 @@
 Registered in Detectron2's ``BACKBONE_REGISTRY``: ``build_gfocal_resnet_fpn_backbone``
 (fpn.py) and ``build_gfocal_res2net_fpn_backbone`` (res2net.py).
 """
-from .resnet import (
-    DeformBottleneckBlock,
-    DeformConv2d,
-    EvalBatchNorm2d,
-    build_gfocal_resnet_backbone,
-    resolve_norm,
-)
+
 from .fpn import LastLevelP6P7FromP5, build_gfocal_fpn, build_gfocal_resnet_fpn_backbone
 from .res2net import (
     Bottle2neckBlock,
     DeepStem,
     build_gfocal_res2net_backbone,
     build_gfocal_res2net_fpn_backbone,
+)
+from .resnet import (
+    DeformBottleneckBlock,
+    DeformConv2d,
+    EvalBatchNorm2d,
+    build_gfocal_resnet_backbone,
+    resolve_norm,
 )
 
 __all__ = [

@@ -16,14 +16,14 @@ where Detectron2's FPN uses ``c2_xavier_fill`` (``kaiming_uniform_(a=1)``, bound
 instead of sqrt(6 / (fan_in + fan_out)): the same for the 3x3 convs of C -> C channels, not for
 the laterals).
 """
+
 import math
 from typing import List, Optional
-
-from torch import nn
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from torch import nn
 
 from .resnet import build_gfocal_resnet_backbone
 
@@ -95,7 +95,9 @@ class LastLevelP6P7FromP5(nn.Module):
     def __init__(self, channels: int, in_feature: str = "p5", num_levels: int = 2):
         super().__init__()
         if num_levels not in (1, 2):
-            raise ValueError(f"LastLevelP6P7FromP5 builds 1 (P6) or 2 (P6, P7) levels, not {num_levels}")
+            raise ValueError(
+                f"LastLevelP6P7FromP5 builds 1 (P6) or 2 (P6, P7) levels, not {num_levels}"
+            )
         self.num_levels = num_levels
         self.in_feature = in_feature
         # Same creation and initialization order as always (both convs created, then p6 and p7
@@ -152,7 +154,9 @@ def build_gfocal_fpn(cfg, bottom_up):
         read_levels = [lv for lv in (_level(f) for f in read) if lv is not None]
         num_top = 2 if last + 2 in read_levels else 1 if last + 1 in read_levels else 0
         finest = min([lv for lv in read_levels if lv >= fpn_levels[0]] or [last])
-        in_features = [f for f, lv in zip(in_features, fpn_levels) if lv >= finest] or in_features[-1:]
+        in_features = [f for f, lv in zip(in_features, fpn_levels) if lv >= finest] or in_features[
+            -1:
+        ]
     top_block = None
     if num_top:
         top_block = LastLevelP6P7FromP5(out_channels, in_feature=f"p{last}", num_levels=num_top)
@@ -193,7 +197,10 @@ def unread_fpn_modules(backbone: nn.Module, head_in_features: List[str]) -> Opti
         return None
     read = set(head_in_features)
     outputs = list(backbone._out_features)
-    fpn_outputs, top_outputs = outputs[: len(backbone.in_features)], outputs[len(backbone.in_features):]
+    fpn_outputs, top_outputs = (
+        outputs[: len(backbone.in_features)],
+        outputs[len(backbone.in_features) :],
+    )
     unread = []
     top = backbone.top_block
     top_read = top is not None and any(f in read for f in top_outputs)
@@ -201,7 +208,11 @@ def unread_fpn_modules(backbone: nn.Module, head_in_features: List[str]) -> Opti
         unread.append("top_block")
     elif top is not None and isinstance(top, _CHAINED_TOP_BLOCKS):
         last_read = max(i for i, f in enumerate(top_outputs) if f in read)
-        unread += [f"top_block.{f}" for f in top_outputs[last_read + 1:] if isinstance(getattr(top, f, None), nn.Module)]
+        unread += [
+            f"top_block.{f}"
+            for f in top_outputs[last_read + 1 :]
+            if isinstance(getattr(top, f, None), nn.Module)
+        ]
     top_input = top.in_feature if top_read else None
     output_used = [f in read or f == top_input for f in fpn_outputs]
     for i, f in enumerate(fpn_outputs):
@@ -213,7 +224,9 @@ def unread_fpn_modules(backbone: nn.Module, head_in_features: List[str]) -> Opti
     return unread
 
 
-def unread_level_parameters(model: nn.Module, backbone_name: str, backbone: nn.Module, head_in_features: List[str]):
+def unread_level_parameters(
+    model: nn.Module, backbone_name: str, backbone: nn.Module, head_in_features: List[str]
+):
     """(unread levels, names of trainable parameters in ``model`` that only they use) for an
     FPN backbone (see :func:`unread_fpn_modules`); ([], []) when nothing is unused or the
     backbone's structure is unknown. A parameter shared with a used module does not count."""

@@ -35,16 +35,16 @@ Config: ``MODEL.RES2NET.SCALES`` and ``MODEL.RES2NET.BASE_WIDTH`` (see
 DEFORM_ON_PER_STAGE, DEFORM_MODULATED, DEFORM_NUM_GROUPS) and
 ``MODEL.BACKBONE.FREEZE_AT``, with the same meaning as for ResNet.
 """
+
 import math
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import ResNet
+from torch import nn
 
 from .resnet import DeformConv2d, deform_conv_forward, resolve_norm
 
@@ -67,9 +67,13 @@ class DeepStem(CNNBlockBase):
     def __init__(self, in_channels=3, out_channels=64, norm="BN"):
         super().__init__(in_channels, out_channels, 4)
         mid = out_channels // 2
-        self.conv1 = Conv2d(in_channels, mid, 3, stride=2, padding=1, bias=False, norm=get_norm(norm, mid))
+        self.conv1 = Conv2d(
+            in_channels, mid, 3, stride=2, padding=1, bias=False, norm=get_norm(norm, mid)
+        )
         self.conv2 = Conv2d(mid, mid, 3, stride=1, padding=1, bias=False, norm=get_norm(norm, mid))
-        self.conv3 = Conv2d(mid, out_channels, 3, stride=1, padding=1, bias=False, norm=get_norm(norm, out_channels))
+        self.conv3 = Conv2d(
+            mid, out_channels, 3, stride=1, padding=1, bias=False, norm=get_norm(norm, out_channels)
+        )
         for layer in (self.conv1, self.conv2, self.conv3):
             weight_init.c2_msra_fill(layer)
 
@@ -120,7 +124,9 @@ class Bottle2neckBlock(CNNBlockBase):
 
         if stride != 1 or in_channels != out_channels:
             # v1d: average-pool first (in forward), then a stride-1 1x1 projection.
-            self.shortcut = Conv2d(in_channels, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
+            self.shortcut = Conv2d(
+                in_channels, out_channels, 1, bias=False, norm=get_norm(norm, out_channels)
+            )
         else:
             self.shortcut = None
 
@@ -128,7 +134,8 @@ class Bottle2neckBlock(CNNBlockBase):
         if deform:
             n_off = (27 if deform_modulated else 18) * deform_num_groups
             self.conv2_offset = nn.ModuleList(
-                Conv2d(width, n_off, 3, stride=stride, padding=dilation, dilation=dilation) for _ in range(scales - 1)
+                Conv2d(width, n_off, 3, stride=stride, padding=dilation, dilation=dilation)
+                for _ in range(scales - 1)
             )
             self.conv2 = nn.ModuleList(
                 DeformConv2d(
@@ -170,7 +177,9 @@ class Bottle2neckBlock(CNNBlockBase):
 
     def _conv2(self, j, x):
         if self.deform:
-            return deform_conv_forward(self.conv2[j], self.conv2_offset[j], x, self.deform_modulated)
+            return deform_conv_forward(
+                self.conv2[j], self.conv2_offset[j], x, self.deform_modulated
+            )
         return self.conv2[j](x)
 
     def forward(self, x):
@@ -192,7 +201,11 @@ class Bottle2neckBlock(CNNBlockBase):
             shortcut = x
             if self.stride != 1:
                 shortcut = F.avg_pool2d(
-                    x, kernel_size=self.stride, stride=self.stride, ceil_mode=True, count_include_pad=False
+                    x,
+                    kernel_size=self.stride,
+                    stride=self.stride,
+                    ceil_mode=True,
+                    count_include_pad=False,
                 )
             shortcut = self.shortcut(shortcut)
         else:
@@ -217,12 +230,16 @@ def build_gfocal_res2net_backbone(cfg, input_shape):
     r = cfg.MODEL.RESNETS
     scales, base_width = cfg.MODEL.RES2NET.SCALES, cfg.MODEL.RES2NET.BASE_WIDTH
     if r.DEPTH not in RES2NET_BLOCKS_PER_STAGE:
-        raise ValueError(f"Res2Net depth must be one of {sorted(RES2NET_BLOCKS_PER_STAGE)}, got {r.DEPTH}")
+        raise ValueError(
+            f"Res2Net depth must be one of {sorted(RES2NET_BLOCKS_PER_STAGE)}, got {r.DEPTH}"
+        )
     if r.RES5_DILATION not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {r.RES5_DILATION}")
     deform_on_per_stage = list(r.DEFORM_ON_PER_STAGE)
     if len(deform_on_per_stage) != 4:
-        raise ValueError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform_on_per_stage}")
+        raise ValueError(
+            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform_on_per_stage}"
+        )
     norm = resolve_norm(r.NORM)
 
     stem = DeepStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=norm)

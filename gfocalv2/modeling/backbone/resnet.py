@@ -24,11 +24,10 @@ accepts ("FrozenBN", "BN", "SyncBN", "GN", ...) keeps its Detectron2 meaning, pl
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchvision.ops import deform_conv2d
-
 from detectron2.layers import CNNBlockBase, Conv2d, get_norm
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
+from torch import nn
+from torchvision.ops import deform_conv2d
 
 __all__ = [
     "EvalBatchNorm2d",
@@ -60,7 +59,9 @@ class EvalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 #: Norm names added on top of Detectron2's ``get_norm`` names.
@@ -109,16 +110,24 @@ class DeformConv2d(nn.Module):
         activation=None,
     ):
         super().__init__()
-        assert in_channels % groups == 0 and out_channels % groups == 0, (in_channels, out_channels, groups)
+        assert in_channels % groups == 0 and out_channels % groups == 0, (
+            in_channels,
+            out_channels,
+            groups,
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.kernel_size = (
+            (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        )
         self.stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
         self.padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
         self.dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
         self.groups = groups
         self.deformable_groups = deformable_groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.norm = norm
         self.activation = activation
@@ -132,7 +141,9 @@ class DeformConv2d(nn.Module):
                 f"group(s) x {k} taps = {2 * self.deformable_groups * k}"
             )
         if mask is not None and mask.shape[1] != self.deformable_groups * k:
-            raise ValueError(f"mask has {mask.shape[1]} channels, expected {self.deformable_groups * k}")
+            raise ValueError(
+                f"mask has {mask.shape[1]} channels, expected {self.deformable_groups * k}"
+            )
         # torchvision's kernels lack bfloat16 (CPU and CUDA) and half on CPU, and its autocast
         # rule runs the op in float32 anyway: compute low-precision inputs in float32 and
         # return the input's dtype.
@@ -294,7 +305,9 @@ def build_gfocal_resnet_backbone(cfg, input_shape):
 
     depth = r.DEPTH
     if depth not in NUM_BLOCKS_PER_STAGE:
-        raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(NUM_BLOCKS_PER_STAGE)}, got {depth}")
+        raise ValueError(
+            f"MODEL.RESNETS.DEPTH must be one of {sorted(NUM_BLOCKS_PER_STAGE)}, got {depth}"
+        )
     num_groups = r.NUM_GROUPS
     bottleneck_channels = num_groups * r.WIDTH_PER_GROUP
     in_channels = r.STEM_OUT_CHANNELS
@@ -302,14 +315,18 @@ def build_gfocal_resnet_backbone(cfg, input_shape):
     res5_dilation = r.RES5_DILATION
     deform_on_per_stage = list(r.DEFORM_ON_PER_STAGE)
     if len(deform_on_per_stage) != 4:
-        raise ValueError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform_on_per_stage}")
+        raise ValueError(
+            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform_on_per_stage}"
+        )
     if res5_dilation not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")
     if depth in (18, 34):
         if out_channels != 64:
             raise ValueError("MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for R-18/R-34")
         if any(deform_on_per_stage):
-            raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported for R-18/R-34 (basic blocks)")
+            raise ValueError(
+                "MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported for R-18/R-34 (basic blocks)"
+            )
         if res5_dilation != 1:
             raise ValueError("MODEL.RESNETS.RES5_DILATION must be 1 for R-18/R-34")
         if num_groups != 1:

@@ -17,6 +17,7 @@ Usage::
 To use your own COCO-format data instead, you do not need this package at all: see
 ``projects/DigitScenes/README.md`` (``--register-coco NAME JSON IMAGE_DIR``).
 """
+
 import gfocalv2  # noqa: F401  (first: Detectron2 compatibility layer, registers GFocalV2)
 
 import json
@@ -81,7 +82,10 @@ def prepare(root=None, params=None, force=False):
     os.makedirs(parent, exist_ok=True)
     logger.info(
         "DigitScenes: generating %d train + %d val scenes (seed %d) into %s ...",
-        params["num_train"], params["num_val"], params["seed"], root,
+        params["num_train"],
+        params["num_val"],
+        params["seed"],
+        root,
     )
     tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
     start = time.perf_counter()

@@ -13,13 +13,20 @@ seeded 80/20 split of the 1797 samples), so val measures generalisation to unsee
 handwriting. Everything depends only on ``seed`` and the parameters: the same call writes
 byte-identical PNGs and json.
 """
+
 import hashlib
 import json
 import os
 
 import numpy as np
 
-__all__ = ["DEFAULT_PARAMS", "GENERATOR_VERSION", "CLASS_NAMES", "generate_split", "generate_dataset"]
+__all__ = [
+    "DEFAULT_PARAMS",
+    "GENERATOR_VERSION",
+    "CLASS_NAMES",
+    "generate_split",
+    "generate_dataset",
+]
 
 #: Bump when the drawing code changes, so that cached datasets are regenerated.
 GENERATOR_VERSION = 1
@@ -115,7 +122,10 @@ def _draw_scene(rng, glyphs, labels, pool, params):
             if boxes:
                 b = np.asarray(boxes)
                 overlap = (
-                    (box[0] < b[:, 2] + 2) & (b[:, 0] < box[2] + 2) & (box[1] < b[:, 3] + 2) & (b[:, 1] < box[3] + 2)
+                    (box[0] < b[:, 2] + 2)
+                    & (b[:, 0] < box[2] + 2)
+                    & (box[1] < b[:, 3] + 2)
+                    & (b[:, 1] < box[3] + 2)
                 )
                 if overlap.any():
                     continue
@@ -154,7 +164,9 @@ def generate_split(out_dir, split, params=None):
         if not cv2.imwrite(os.path.join(img_dir, file_name), img[:, :, ::-1]):
             raise OSError(f"could not write {os.path.join(img_dir, file_name)}")
         image_id = i + 1
-        images.append({"id": image_id, "file_name": file_name, "height": img.shape[0], "width": img.shape[1]})
+        images.append(
+            {"id": image_id, "file_name": file_name, "height": img.shape[0], "width": img.shape[1]}
+        )
         for box, c in zip(boxes, classes):
             x0, y0, x1, y1 = (float(v) for v in box)
             annotations.append(
@@ -176,7 +188,10 @@ def generate_split(out_dir, split, params=None):
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": "digit"} for cid, name in zip(CATEGORY_IDS, CLASS_NAMES)],
+        "categories": [
+            {"id": cid, "name": name, "supercategory": "digit"}
+            for cid, name in zip(CATEGORY_IDS, CLASS_NAMES)
+        ],
     }
     json_path = os.path.join(out_dir, f"{split}.json")
     with open(json_path, "w") as f:

@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gfocalv2-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow clean-venv
+RUFF_VERSION := 0.17.5
+
+.PHONY: install demo test test-slow lint format clean-venv
 
 install: $(STAMP)
 
@@ -30,6 +32,17 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+# Lint and formatting (ruff, settings in pyproject.toml); `make format` rewrites the files.
+lint: install
+	@$(PY) -m ruff --version 2>/dev/null | grep -q "$(RUFF_VERSION)" || $(PY) -m pip install -q ruff==$(RUFF_VERSION)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	@$(PY) -m ruff --version 2>/dev/null | grep -q "$(RUFF_VERSION)" || $(PY) -m pip install -q ruff==$(RUFF_VERSION)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 clean-venv:
 	rm -rf $(VENV)

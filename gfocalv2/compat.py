@@ -6,31 +6,38 @@ other ``detectron2`` module is used. Each fix below is applied exactly when its
 own need exists, decided independently of the others (an official, compiled
 Detectron2 can still need the ``pkg_resources`` one, for example):
 
-=======================  ==============================================  =============================================
-fix                      needed when                                     what it does
-=======================  ==============================================  =============================================
-``_C`` stand-in          ``detectron2._C`` does not exist (the           a module whose ops raise
-                         registries' pure-Python Detectron2 0.6)         :class:`CompiledOpsUnavailable`, naming the op,
-                                                                         so ``detectron2.layers``/``.evaluation`` import
-pycocotools evaluation   the ``_C`` stand-in is in place (COCO's "fast"  ``COCOeval_opt`` -> pycocotools' ``COCOeval``
-                         evaluator is compiled)                          (same numbers)
-``PIL.Image.LINEAR``     Pillow >= 10 lacks it *and* Detectron2's        ``Image.LINEAR = Image.BILINEAR``
-                         ``data/transforms/transform.py`` uses it
-                         (v0.6; main uses ``BILINEAR``)
-NumPy aliases            NumPy lacks ``np.bool``/``np.int``/... *and*    each alias that is both missing and used is
-                         Detectron2's sources use that alias (v0.6)      restored as the builtin it stood for
-``pkg_resources``        setuptools >= 81 (no ``pkg_resources``) *and*   a minimal ``pkg_resources`` with
-                         ``detectron2/model_zoo/model_zoo.py`` imports   ``resource_filename``
-                         it (v0.6 and main alike)
-quiet import             always harmless: torch deprecates               ``detectron2.modeling`` is first imported with
-                         ``torch.jit.script``, which fvcore's focal      that one warning ignored (the user's own
-                         loss and Detectron2's ``box_regression`` call   ``torch.jit.script`` calls still warn)
-                         at import time
-``torch.meshgrid``       Detectron2's ``anchor_generator.py`` calls it   torch's once-per-process warning about the
-warning                  without ``indexing=`` (v0.6 and main)           missing argument is used up silently
-``TypedStorage`` warning Detectron2's ``utils/comm.py`` serializes       that deprecation warning is ignored when it
-                         with ``torch.ByteStorage`` (v0.6)               comes from ``detectron2.utils.comm``
-=======================  ==============================================  =============================================
+``_C`` stand-in
+    *Needed when* ``detectron2._C`` does not exist (the registries' pure-Python
+    Detectron2 0.6). *Does*: a module whose ops raise :class:`CompiledOpsUnavailable`,
+    naming the op, so ``detectron2.layers``/``.evaluation`` import.
+pycocotools evaluation
+    *Needed when* the ``_C`` stand-in is in place (COCO's "fast" evaluator is compiled).
+    *Does*: ``COCOeval_opt`` -> pycocotools' ``COCOeval`` (same numbers).
+``PIL.Image.LINEAR``
+    *Needed when* Pillow >= 10 lacks it *and* Detectron2's
+    ``data/transforms/transform.py`` uses it (v0.6; main uses ``BILINEAR``).
+    *Does*: ``Image.LINEAR = Image.BILINEAR``.
+NumPy aliases
+    *Needed when* NumPy lacks ``np.bool``/``np.int``/... *and* Detectron2's sources use
+    that alias (v0.6). *Does*: each alias that is both missing and used is restored as the
+    builtin it stood for.
+``pkg_resources``
+    *Needed when* setuptools >= 81 (no ``pkg_resources``) *and*
+    ``detectron2/model_zoo/model_zoo.py`` imports it (v0.6 and main alike). *Does*: a
+    minimal ``pkg_resources`` with ``resource_filename``.
+quiet import
+    *Needed*: always (harmless): torch deprecates ``torch.jit.script``, which fvcore's
+    focal loss and Detectron2's ``box_regression`` call at import time. *Does*:
+    ``detectron2.modeling`` is first imported with that one warning ignored (the user's own
+    ``torch.jit.script`` calls still warn).
+``torch.meshgrid`` warning
+    *Needed when* Detectron2's ``anchor_generator.py`` calls it without ``indexing=``
+    (v0.6 and main). *Does*: torch's once-per-process warning about the missing argument is
+    used up silently.
+``TypedStorage`` warning
+    *Needed when* Detectron2's ``utils/comm.py`` serializes with ``torch.ByteStorage``
+    (v0.6). *Does*: that deprecation warning is ignored when it comes from
+    ``detectron2.utils.comm``.
 
 What was applied is recorded in :data:`COMPAT_STATE` (``collect_env``-style
 reports and the tests read it). The needs are read from Detectron2's source

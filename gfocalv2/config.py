@@ -121,7 +121,7 @@ def config_file_path(name):
     path = os.path.join(root, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"config {name} not found in {root}: gfocalv2's configs are read from the source checkout "
-            "(install it with `pip install -e .`), or pass --config-file"
+            f"config {name} not found in {root}: gfocalv2's configs are read from the source "
+            "checkout (install it with `pip install -e .`), or pass --config-file"
         )
     return path

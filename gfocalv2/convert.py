@@ -1,8 +1,9 @@
-"""Convert published weights into Detectron2 checkpoints for gfocalv2.
+r"""Convert published weights into Detectron2 checkpoints for gfocalv2.
 
 Two sources::
 
-    python -m gfocalv2.convert mmdet    SRC.pth DST.pth [--arch r101] [--config-file CFG.yaml] [--num-classes 80]
+    python -m gfocalv2.convert mmdet    SRC.pth DST.pth [--arch r101] [--config-file CFG.yaml] \
+        [--num-classes 80]
     python -m gfocalv2.convert imagenet SRC.pth DST.pth [--arch r50|r101|x101-32x4d|res2net101]
 
 ``mmdet``
@@ -243,7 +244,8 @@ def detect_backbone(state: Dict[str, torch.Tensor]) -> BackboneInfo:
                 info.deform_modulated, info.deform_num_groups = False, off.shape[0] // 18
             else:
                 raise ConversionError(
-                    f"{offset_fmt.format(i)}: {off.shape[0]} offset channels, expected 18 x G or 27 x G"
+                    f"{offset_fmt.format(i)}: {off.shape[0]} offset channels, "
+                    "expected 18 x G or 27 x G"
                 )
     info.deform_on_per_stage = tuple(deform)
     return info
@@ -342,7 +344,8 @@ def _strip_prefix(state, prefix):
 
 
 def convert_imagenet(state: Dict[str, torch.Tensor], family: Optional[str] = None):
-    """ImageNet classification weights -> ``{backbone.bottom_up.*: tensor}``; returns (dict, report)."""
+    """ImageNet classification weights -> ``{backbone.bottom_up.*: tensor}``;
+    returns (dict, report)."""
     if state and all(k.startswith("backbone.") for k in state):
         state = _strip_prefix(state, "backbone.")
     family = family or detect_backbone(state).family
@@ -361,7 +364,8 @@ def convert_mmdet(
     family: Optional[str] = None,
     fpn_levels: Tuple[int, ...] = (3, 4, 5),
 ):
-    """MMDetection GFocalV2 / GFL state dict -> Detectron2 GFocalV2 state dict; returns (dict, report).
+    """MMDetection GFocalV2 / GFL state dict -> Detectron2 GFocalV2 state dict;
+    returns (dict, report).
 
     Args:
         num_classes: C of the target model; a ``gfl_cls`` with C + 1 outputs loses its last
@@ -414,9 +418,9 @@ def convert_mmdet(
                     v = v[:num_classes].clone()
                     if m4.group(2) == "weight":
                         report.notes.append(
-                            f"bbox_head.gfl_cls has {num_classes + 1} outputs: dropped the last one (the "
-                            f"background channel of QualityFocalLoss(use_sigmoid=False), trained to 0); "
-                            f"kept {num_classes} classes"
+                            f"bbox_head.gfl_cls has {num_classes + 1} outputs: dropped the last "
+                            "one (the background channel of QualityFocalLoss(use_sigmoid=False), "
+                            f"trained to 0); kept {num_classes} classes"
                         )
                 elif v.shape[0] != num_classes:
                     raise ConversionError(
@@ -452,7 +456,8 @@ def check_against_model(
     report: ConversionReport,
     source_of=None,
 ):
-    """Compare converted tensors with a target state dict: shape mismatches raise, the rest is reported."""
+    """Compare converted tensors with a target state dict: shape mismatches raise, the rest
+    is reported."""
     source_of = source_of or {t: s for s, t in report.converted}
     for k, v in converted.items():
         if k not in target:
@@ -518,7 +523,8 @@ def build_target_cfg(
 
 
 def build_target_state(cfg, detector: bool) -> Dict[str, torch.Tensor]:
-    """State dict (shapes only matter) of the model ``cfg`` describes, or of its bottom-up backbone."""
+    """State dict (shapes only matter) of the model ``cfg`` describes, or of its bottom-up
+    backbone."""
     from detectron2.layers import ShapeSpec
 
     import gfocalv2  # noqa: F401
@@ -544,7 +550,8 @@ def build_target_state(cfg, detector: bool) -> Dict[str, torch.Tensor]:
 
 
 def _infer_head(state):
-    """(num classes incl. a possible background channel, reg_max, dgqp tuple or None) of an mmdet state dict."""
+    """(num classes incl. a possible background channel, reg_max, dgqp tuple or None) of an
+    mmdet state dict."""
     if "bbox_head.gfl_cls.weight" not in state or "bbox_head.gfl_reg.weight" not in state:
         raise ConversionError(
             "not a GFL/GFocalV2 checkpoint: bbox_head.gfl_cls / bbox_head.gfl_reg missing"
@@ -635,8 +642,8 @@ def convert_file(
     report.log()
     if strict and report.problems:
         raise ConversionError(
-            f"{len(report.problems)} problem(s) converting {src} (use --no-strict to write anyway):\n  "
-            + "\n  ".join(report.problems)
+            f"{len(report.problems)} problem(s) converting {src} (use --no-strict to write "
+            "anyway):\n  " + "\n  ".join(report.problems)
         )
     torch.save(
         {
@@ -653,7 +660,8 @@ def convert_file(
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m gfocalv2.convert",
-        description="Convert the authors' MMDetection GFocalV2/GFL checkpoints or ImageNet weights into Detectron2 checkpoints.",
+        description="Convert the authors' MMDetection GFocalV2/GFL checkpoints or ImageNet weights "
+        "into Detectron2 checkpoints.",
     )
     parser.add_argument(
         "kind",
@@ -676,7 +684,8 @@ def main(argv=None):
         "--num-classes",
         type=int,
         default=None,
-        help="classes of the target model (mmdet; default: the length of meta CLASSES, else gfl_cls outputs minus the background channel of GFLV2)",
+        help="classes of the target model (mmdet; default: the length of meta CLASSES, else "
+        "gfl_cls outputs minus the background channel of GFLV2)",
     )
     parser.add_argument(
         "--no-strict",

@@ -54,8 +54,8 @@ def get_parser():
     parser.add_argument("--video-input", help="path to a video file")
     parser.add_argument(
         "--output",
-        help="output directory (created if needed), or an image file name when there is exactly one input image. "
-        "Without it, nothing is drawn, detections are only printed.",
+        help="output directory (created if needed), or an image file name when there is exactly "
+        "one input image. Without it, nothing is drawn, detections are only printed.",
     )
     parser.add_argument(
         "--confidence-threshold", type=float, default=0.3, help="minimum score of drawn detections"
@@ -87,7 +87,8 @@ def setup_demo_cfg(args):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist")
     if not weights:
         logger.warning(
-            "MODEL.WEIGHTS is empty: the model has random weights (pass --opts MODEL.WEIGHTS path.pth)"
+            "MODEL.WEIGHTS is empty: the model has random weights "
+            "(pass --opts MODEL.WEIGHTS path.pth)"
         )
     return cfg
 
@@ -216,7 +217,7 @@ def _run_images(demo, args):
     from detectron2.data.detection_utils import read_image
 
     files, problems = expand_inputs(args.input)
-    for item, msg in problems:
+    for _, msg in problems:
         logger.error("%s: skipped", msg)
     classes = getattr(demo.metadata, "thing_classes", None)
     used, done, failed = set(), 0, len(problems)
@@ -273,7 +274,7 @@ def _run_video(demo, args):
             logger.error("cannot open %s for writing (codec mp4v)", out)
             return 0
     frames = 0
-    for instances, frame in demo.run_on_video(video):
+    for _, frame in demo.run_on_video(video):
         frames += 1
         if writer is not None:
             writer.write(frame)

@@ -69,7 +69,8 @@ class ExportableDetector(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.eval()  # exporters restore the wrapper's mode afterwards: keep it (and the model) in eval
+        # exporters restore the wrapper's mode afterwards: keep it (and the model) in eval
+        self.eval()
 
     def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         model = self.model
@@ -298,7 +299,8 @@ def main(argv=None) -> int:
         logger.info("%s: %d detections, exported vs PyTorch: %s", name, len(expected[0]), status)
         if len(expected[0]) == 0:
             logger.warning(
-                "%s: no detections to compare (random weights?): the check only covers the empty output",
+                "%s: no detections to compare (random weights?): the check only covers the empty "
+                "output",
                 name,
             )
         failures += problem is not None

@@ -164,11 +164,16 @@ def build_wheel(sdist, work_dir):
                 setup(
                     name="detectron2",
                     version="{WHEEL_VERSION}",
-                    description="Detectron2 v0.6 Python sources (from pb1-detectron2), without compiled ops",
+                    description=(
+                        "Detectron2 v0.6 Python sources (from pb1-detectron2), "
+                        "without compiled ops"
+                    ),
                     url="https://github.com/facebookresearch/detectron2",
                     license="Apache-2.0",
                     packages=find_packages(include=["detectron2", "detectron2.*"]),
-                    package_data={{"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}},
+                    package_data={{
+                        "detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]
+                    }},
                     include_package_data=False,
                     python_requires=">=3.7",
                     install_requires={WHEEL_REQUIRES!r},

@@ -33,12 +33,15 @@ def _normalize_entries(entries, source):
     for i, entry in enumerate(entries or []):
         if isinstance(entry, str):
             raise ValueError(
-                f"{source}[{i}] is the string {entry!r}; each entry must be a list [NAME, JSON_FILE, IMAGE_DIR]. "
-                "Did you write DATASETS.REGISTER_COCO \"['n', 'j', 'd']\" instead of \"[['n', 'j', 'd']]\"?"
+                f"{source}[{i}] is the string {entry!r}; "
+                "each entry must be a list [NAME, JSON_FILE, IMAGE_DIR]. "
+                "Did you write DATASETS.REGISTER_COCO \"['n', 'j', 'd']\" "
+                "instead of \"[['n', 'j', 'd']]\"?"
             )
         if len(entry) != 3 or not all(isinstance(x, str) and x for x in entry):
             raise ValueError(
-                f"{source}[{i}] = {entry!r}: expected [NAME, JSON_FILE, IMAGE_DIR] (three non-empty strings)"
+                f"{source}[{i}] = {entry!r}: expected [NAME, JSON_FILE, IMAGE_DIR] "
+                "(three non-empty strings)"
             )
         out.append(tuple(entry))
     return out
@@ -97,15 +100,18 @@ def check_datasets_registered(cfg, config_file=""):
                 src = f" (from {config_file})" if config_file else ""
                 raise KeyError(
                     f"DATASETS.{key} names the dataset {name!r}{src}, which is not registered. "
-                    "Register a COCO-format json + image folder with `--register-coco NAME JSON IMAGE_DIR` "
-                    "or the config key DATASETS.REGISTER_COCO [[NAME, JSON, IMAGE_DIR]], or use a builtin "
-                    "Detectron2 dataset (their files go under $DETECTRON2_DATASETS, default ./datasets). "
-                    "DigitScenes is registered by projects/DigitScenes/train_digits.py."
+                    "Register a COCO-format json + image folder with "
+                    "`--register-coco NAME JSON IMAGE_DIR` or the config key "
+                    "DATASETS.REGISTER_COCO [[NAME, JSON, IMAGE_DIR]], or use a builtin "
+                    "Detectron2 dataset (their files go under "
+                    "$DETECTRON2_DATASETS, default ./datasets). DigitScenes is registered by "
+                    "projects/DigitScenes/train_digits.py."
                 )
 
 
 def get_thing_classes(dataset_name):
-    """The class names of a registered dataset, loading its annotations if needed (lazy COCO json)."""
+    """The class names of a registered dataset, loading its annotations if needed
+    (lazy COCO json)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     meta = MetadataCatalog.get(dataset_name)
@@ -138,7 +144,8 @@ def check_num_classes(cfg, dataset_name):
         n = n[part]
     if len(classes) > n:
         raise ValueError(
-            f"Dataset {dataset_name!r} has {len(classes)} classes but {key} is {n}; set {key} {len(classes)}"
+            f"Dataset {dataset_name!r} has {len(classes)} classes but {key} is {n}; "
+            f"set {key} {len(classes)}"
         )
     if len(classes) < n:
         logger.warning(

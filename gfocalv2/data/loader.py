@@ -216,9 +216,9 @@ class RobustMapDataset(torchdata.Dataset):
             listed = "\n  ".join(self._consecutive[-10:])
             raise DataLoadingError(
                 f"{len(self._consecutive)} training images in a row could not be loaded "
-                f"(DATALOADER.MAX_CONSECUTIVE_FAILURES is {self.max_consecutive_failures}); the data is "
-                f"probably unreachable or broken. Last ones:\n  {listed}\nFix or remove these images (or the "
-                "image directory) and resume with --resume."
+                f"(DATALOADER.MAX_CONSECUTIVE_FAILURES is {self.max_consecutive_failures}); the "
+                f"data is probably unreachable or broken. Last ones:\n  {listed}\nFix or remove "
+                "these images (or the image directory) and resume with --resume."
             )
 
     def __getitem__(self, key):
@@ -304,7 +304,8 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
     total = cfg.SOLVER.IMS_PER_BATCH
     if total <= 0 or total % world_size:
         raise ValueError(
-            f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of GPUs ({world_size})"
+            f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of GPUs "
+            f"({world_size})"
         )
     seed = data_seed_from_cfg(cfg)
     sampler_name = cfg.DATALOADER.SAMPLER_TRAIN

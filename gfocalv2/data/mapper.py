@@ -99,7 +99,8 @@ def to_three_channels(image, input_name="image"):
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
         raise ValueError(
-            f"{input_name} has shape {image.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+            f"{input_name} has shape {image.shape}; "
+            "expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"{input_name} is empty (shape {image.shape})")

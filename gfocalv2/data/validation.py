@@ -111,16 +111,25 @@ def diagnose_coco_json(json_file):
             if not isinstance(ann, dict) or k not in ann
         ]
         if missing:
-            return f"annotations[{i}] lacks {missing} (each annotation needs image_id, bbox, category_id)"
+            return (
+                f"annotations[{i}] lacks {missing} (each annotation needs image_id, bbox, "
+                "category_id)"
+            )
         bbox = ann["bbox"]
         if (
             not isinstance(bbox, (list, tuple))
             or len(bbox) != 4
             or not all(isinstance(v, (int, float)) for v in bbox)
         ):
-            return f"annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; expected [x, y, width, height] (4 numbers)"
+            return (
+                f"annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; "
+                "expected [x, y, width, height] (4 numbers)"
+            )
         if ann.get("ignore", 0):
-            return f"annotations[{i}] (id {ann.get('id')}) has 'ignore': {ann['ignore']}, which Detectron2 does not support; use iscrowd: 1"
+            return (
+                f"annotations[{i}] (id {ann.get('id')}) has 'ignore': {ann['ignore']}, which "
+                "Detectron2 does not support; use iscrowd: 1"
+            )
         if ann["category_id"] not in cat_ids:
             unknown_cats[ann["category_id"]] += 1
         if ann["image_id"] not in image_ids:
@@ -131,7 +140,8 @@ def diagnose_coco_json(json_file):
         listed = ", ".join(f"{c} ({n} annotations)" for c, n in unknown_cats.most_common(_EXAMPLES))
         return (
             f"has annotations whose category_id is not in 'categories': {listed}; known ids: "
-            f"{sorted(cat_ids)[:20]}. Add these categories to 'categories' or remove/fix these annotations"
+            f"{sorted(cat_ids)[:20]}. Add these categories to 'categories' or remove/fix these "
+            "annotations"
         )
     dup = [i for i, n in ann_ids.items() if n > 1]
     if dup:
@@ -153,8 +163,8 @@ def _load_one(name):
     except KeyError as e:
         if name not in DatasetCatalog.list():
             raise DatasetError(
-                f"Dataset {name!r} is not registered; register it with --register-coco NAME JSON IMAGE_DIR "
-                "or DATASETS.REGISTER_COCO"
+                f"Dataset {name!r} is not registered; register it with --register-coco NAME JSON "
+                "IMAGE_DIR or DATASETS.REGISTER_COCO"
             ) from None
         cause = e
     except (ValueError, AssertionError, TypeError, OSError, AttributeError, IndexError) as e:
@@ -203,9 +213,9 @@ def _clean_annotations(record, counts, examples, num_classes, name):
         cat = ann.get("category_id")
         if num_classes is not None and (not isinstance(cat, int) or not 0 <= cat < num_classes):
             raise DatasetError(
-                f"Dataset {name!r}: image {record.get('file_name')} annotation {k} has category_id {cat!r}, "
-                f"outside the dataset's {num_classes} classes (contiguous ids 0..{num_classes - 1}). "
-                "Fix the annotation or the dataset's categories"
+                f"Dataset {name!r}: image {record.get('file_name')} annotation {k} has category_id "
+                f"{cat!r}, outside the dataset's {num_classes} classes (contiguous ids "
+                f"0..{num_classes - 1}). Fix the annotation or the dataset's categories"
             )
         if "bbox" not in ann:
             kept.append(ann)
@@ -264,7 +274,8 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
     src = f" ({json_file})" if json_file else ""
     if not isinstance(dicts, list):
         raise DatasetError(
-            f"Dataset {name!r}{src}: its loader returned a {type(dicts).__name__}, not a list of dicts"
+            f"Dataset {name!r}{src}: its loader returned a {type(dicts).__name__}, not a list of "
+            "dicts"
         )
     if len(dicts) == 0:
         raise DatasetError(
@@ -293,7 +304,8 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
                     continue
                 if wh != (record["width"], record["height"]):
                     mismatched.append(
-                        f"{path} is {wh[0]}x{wh[1]}, the json says {record['width']}x{record['height']}"
+                        f"{path} is {wh[0]}x{wh[1]}, the json says "
+                        f"{record['width']}x{record['height']}"
                     )
                     continue
         if "annotations" in record:
@@ -304,8 +316,8 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
     image_root = os.path.dirname(str(dicts[0].get("file_name", ""))) if dicts else ""
     if missing and len(missing) == len(dicts):
         raise DatasetError(
-            f"Dataset {name!r}{src}: none of its {len(dicts)} image files exist (e.g. {missing[0]}). "
-            f"Is the image directory right? (files are looked up under {image_root})"
+            f"Dataset {name!r}{src}: none of its {len(dicts)} image files exist (e.g. "
+            f"{missing[0]}). Is the image directory right? (files are looked up under {image_root})"
         )
     bad = [
         ("do not exist", missing),
@@ -317,9 +329,9 @@ def validate_dataset_dicts(dicts, name, *, is_train=True, check_images="exists",
             continue
         if not is_train:
             raise DatasetError(
-                f"Dataset {name!r}{src}, used for {purpose}: {len(items)} of {len(dicts)} images {what}: "
-                f"{_fmt_examples(items)}. An evaluation without them would be wrong: restore the files or "
-                "remove these images (and their annotations) from the json"
+                f"Dataset {name!r}{src}, used for {purpose}: {len(items)} of {len(dicts)} images "
+                f"{what}: {_fmt_examples(items)}. An evaluation without them would be wrong: "
+                "restore the files or remove these images (and their annotations) from the json"
             )
         logger.warning(
             "Dataset %r%s: %d of %d images %s and are left out of training: %s",
@@ -388,14 +400,16 @@ def load_dataset_dicts(names, *, is_train=True, filter_empty=False, check_images
         all_dicts = filter_images_with_only_crowd_annotations(all_dicts)
         if not all_dicts:
             raise DatasetError(
-                f"Datasets {list(names)}: none of the {before} images has a (non-crowd) box left, and "
-                "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, so there is nothing to train on. Check the "
-                "annotations (see the warnings above), or set DATALOADER.FILTER_EMPTY_ANNOTATIONS False"
+                f"Datasets {list(names)}: none of the {before} images has a (non-crowd) box left, "
+                "and DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, so there is nothing to train on. "
+                "Check the annotations (see the warnings above), or set "
+                "DATALOADER.FILTER_EMPTY_ANNOTATIONS False"
             )
     if is_train and has_instances:
         if not any(a.get("iscrowd", 0) == 0 for d in all_dicts for a in d.get("annotations", [])):
             logger.warning(
-                "Datasets %s: no image has a box; the model will only learn that there is nothing to detect",
+                "Datasets %s: no image has a box; the model will only learn that there is nothing "
+                "to detect",
                 list(names),
             )
         if all(hasattr(MetadataCatalog.get(n), "thing_classes") for n in names):

@@ -61,11 +61,13 @@ def add_register_coco_argument(parser, help=REGISTER_COCO_HELP):
 
 
 def add_opts_argument(parser):
-    """``--opts KEY VALUE ...``: config overrides, last on the command line (as in Detectron2's demo)."""
+    """``--opts KEY VALUE ...``: config overrides, last on the command line (as in
+    Detectron2's demo)."""
     parser.add_argument(
         "--opts",
         default=[],
         nargs=argparse.REMAINDER,
-        help="config overrides as KEY VALUE pairs, after every other flag, e.g. --opts MODEL.WEIGHTS model.pth",
+        help="config overrides as KEY VALUE pairs, after every other flag, "
+        "e.g. --opts MODEL.WEIGHTS model.pth",
     )
     return parser

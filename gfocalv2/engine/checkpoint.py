@@ -137,9 +137,10 @@ class GFocalCheckpointer(DetectionCheckpointer):
     def _refuse_folded_model(self, action):
         if has_folded_batchnorm(self.model):
             raise CheckpointError(
-                f"Cannot {action}: this model was optimized for inference (its BatchNorms are folded into the "
-                "convolutions, TEST.FOLD_BATCHNORM), so its parameters no longer match checkpoints. Load weights "
-                "before optimizing: build a new model or Predictor with MODEL.WEIGHTS set."
+                f"Cannot {action}: this model was optimized for inference (its BatchNorms are "
+                "folded into the convolutions, TEST.FOLD_BATCHNORM), so its parameters no longer "
+                "match checkpoints. Load weights before optimizing: build a new model or Predictor "
+                "with MODEL.WEIGHTS set."
             )
 
     def save(self, name, **kwargs):
@@ -152,9 +153,10 @@ class GFocalCheckpointer(DetectionCheckpointer):
         if not _finite_state(data["model"]):
             last = self.get_checkpoint_file() if self.has_checkpoint() else ""
             raise NonFiniteWeightsError(
-                f"Not saving checkpoint {name}.pth: the model's weights are NaN/inf (training diverged). "
-                f"The last good checkpoint is {last or '(none)'}: lower SOLVER.BASE_LR, lengthen "
-                "SOLVER.WARMUP_ITERS or enable SOLVER.CLIP_GRADIENTS and resume from it with --resume."
+                f"Not saving checkpoint {name}.pth: the model's weights are NaN/inf (training "
+                f"diverged). The last good checkpoint is {last or '(none)'}: lower SOLVER.BASE_LR, "
+                "lengthen SOLVER.WARMUP_ITERS or enable SOLVER.CLIP_GRADIENTS and resume from it "
+                "with --resume."
             )
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
@@ -175,20 +177,22 @@ class GFocalCheckpointer(DetectionCheckpointer):
     def load(self, path, *args, **kwargs):
         if path:
             self._refuse_folded_model(f"load {path}")
-        # Detectron2 after v0.6 (which has _parsed_url_during_load) strips a "?matching_heuristics=True" query
+        # Detectron2 after v0.6 (which has _parsed_url_during_load) strips a
+        # "?matching_heuristics=True" query
         local = _without_query(path) if hasattr(self, "_parsed_url_during_load") else path
         if path and _is_local(path) and not os.path.isfile(local):
             raise FileNotFoundError(
                 f"MODEL.WEIGHTS {path} does not exist. Give the path of a .pth/.pkl checkpoint "
-                '(e.g. OUTPUT_DIR/model_final.pth), or MODEL.WEIGHTS "" to start from random weights.'
+                "(e.g. OUTPUT_DIR/model_final.pth), "
+                'or MODEL.WEIGHTS "" to start from random weights.'
             )
         try:
             return super().load(path, *args, **kwargs)
         finally:
-            # Detectron2 after v0.6 records the URL being loaded in _parsed_url_during_load and asserts
-            # that it is None when the next load starts, but leaves it set when a load raises: without
-            # this, the checkpointer could not load anything after one unreadable file (the --resume
-            # fallback below). v0.6 has no such attribute.
+            # Detectron2 after v0.6 records the URL being loaded in _parsed_url_during_load and
+            # asserts that it is None when the next load starts, but leaves it set when a load
+            # raises: without this, the checkpointer could not load anything after one unreadable
+            # file (the --resume fallback below). v0.6 has no such attribute.
             if getattr(self, "_parsed_url_during_load", None) is not None:
                 self._parsed_url_during_load = None
 
@@ -197,8 +201,9 @@ class GFocalCheckpointer(DetectionCheckpointer):
             return super()._load_file(filename)
         except Exception as e:  # noqa: BLE001  (EOFError, UnpicklingError, RuntimeError from zip reader, ...)
             raise UnreadableCheckpointError(
-                f"Cannot read checkpoint {filename} ({type(e).__name__}: {e}). The file is truncated or not a "
-                "PyTorch/Detectron2 checkpoint; use another file (e.g. an earlier model_*.pth of the same run)."
+                f"Cannot read checkpoint {filename} ({type(e).__name__}: {e}). The file is "
+                "truncated or not a PyTorch/Detectron2 checkpoint; use another file (e.g. an "
+                "earlier model_*.pth of the same run)."
             ) from e
 
     def resume_or_load(self, path, *, resume=True):
@@ -226,8 +231,8 @@ class GFocalCheckpointer(DetectionCheckpointer):
             except UnreadableCheckpointError:
                 continue
             logger.warning(
-                "--resume: last_checkpoint in %s names %s, which cannot be used (%s); resumed from %s instead, "
-                "the newest readable checkpoint there",
+                "--resume: last_checkpoint in %s names %s, which cannot be used (%s); resumed from "
+                "%s instead, the newest readable checkpoint there",
                 self.save_dir,
                 last or "(nothing)",
                 problem,
@@ -235,9 +240,9 @@ class GFocalCheckpointer(DetectionCheckpointer):
             )
             return ret
         raise CheckpointError(
-            f"--resume: last_checkpoint in {self.save_dir} names {last or '(nothing)'}, which cannot be used "
-            f"({problem}), and no other readable model_*.pth is there. Delete last_checkpoint to start over "
-            "from MODEL.WEIGHTS."
+            f"--resume: last_checkpoint in {self.save_dir} names {last or '(nothing)'}, which "
+            f"cannot be used ({problem}), and no other readable model_*.pth is there. Delete "
+            "last_checkpoint to start over from MODEL.WEIGHTS."
         )
 
     def _load_model(self, checkpoint):
@@ -249,10 +254,11 @@ class GFocalCheckpointer(DetectionCheckpointer):
             shared = [k for k in model_state if k in ckpt_keys]
             if model_state and ckpt_keys and not shared:
                 raise CheckpointError(
-                    f"The checkpoint shares no parameter name with the model ({type(self.model).__name__}): "
-                    f"e.g. checkpoint {sorted(ckpt_keys)[:3]} vs model {sorted(model_state)[:3]}. It is for "
-                    "another architecture; check MODEL.WEIGHTS and MODEL.META_ARCHITECTURE (convert published "
-                    "weights with python -m gfocalv2.convert)."
+                    "The checkpoint shares no parameter name with the model "
+                    f"({type(self.model).__name__}): e.g. checkpoint {sorted(ckpt_keys)[:3]} vs "
+                    f"model {sorted(model_state)[:3]}. It is for another architecture; check "
+                    "MODEL.WEIGHTS and MODEL.META_ARCHITECTURE (convert published weights with "
+                    "python -m gfocalv2.convert)."
                 )
             mismatched = [
                 (k, tuple(ckpt_keys[k].shape), tuple(model_state[k].shape))
@@ -267,13 +273,15 @@ class GFocalCheckpointer(DetectionCheckpointer):
                 )
                 if not self.allow_class_mismatch:
                     raise CheckpointError(
-                        f"The checkpoint's classification layer is for another number of classes ({desc}). "
-                        "Set MODEL.*.NUM_CLASSES to the checkpoint's, or, to fine-tune these weights on a dataset "
-                        "with other classes, set MODEL.REINIT_HEAD_ON_CLASS_MISMATCH True (the layer is then "
+                        "The checkpoint's classification layer is for another number of classes "
+                        f"({desc}). Set MODEL.*.NUM_CLASSES to the checkpoint's, or, to fine-tune "
+                        "these weights on a dataset with other classes, set "
+                        "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH True (the layer is then "
                         "re-initialized)."
                     )
                 logger.warning(
-                    "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH: re-initializing the classification layer (%s)",
+                    "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH: re-initializing the classification layer "
+                    "(%s)",
                     desc,
                 )
         return super()._load_model(checkpoint)

@@ -92,14 +92,14 @@ def _unknown_key_error(cfg, key, source):
         if isinstance(node, CfgNode):
             node_keys = f" The keys of {parent} are: {', '.join(sorted(node.keys()))}."
     return UnknownConfigKeyError(
-        f"{source}: unknown config key {key}.{hint}{node_keys} "
-        "(Keys of gfocalv2 exist once gfocalv2.add_gfocalv2_config / gfocalv2.engine.build_cfg has run.)"
+        f"{source}: unknown config key {key}.{hint}{node_keys} (Keys of gfocalv2 exist once "
+        "gfocalv2.add_gfocalv2_config / gfocalv2.engine.build_cfg has run.)"
     )
 
 
 _TYPE_RE = re.compile(
-    r"Type mismatch \((?P<want><class '[^']+'>|[^ ]+) vs\. (?P<got><class '[^']+'>|[^ ]+)\) with values "
-    r"\((?P<old>.*) vs\. (?P<new>.*)\) for config key: (?P<key>\S+)"
+    r"Type mismatch \((?P<want><class '[^']+'>|[^ ]+) vs\. (?P<got><class '[^']+'>|[^ ]+)\) with "
+    r"values \((?P<old>.*) vs\. (?P<new>.*)\) for config key: (?P<key>\S+)"
 )
 
 
@@ -154,7 +154,8 @@ def check_config_values(cfg, source="config"):
 
 
 def merge_config_file(cfg, config_file):
-    """``cfg.merge_from_file(config_file)`` with errors that name the file, the key and close matches."""
+    """``cfg.merge_from_file(config_file)`` with errors that name the file, the key and
+    close matches."""
     config_file = str(config_file)
     if not os.path.isfile(config_file):
         raise _missing_file_error(config_file, "config file")
@@ -176,8 +177,8 @@ def merge_config_file(cfg, config_file):
         raise ConfigValueError(f"config file {config_file} is not valid YAML: {e}") from None
     except FileNotFoundError as e:  # a _BASE_ that does not exist
         raise FileNotFoundError(
-            f"config file {config_file} (or one of its _BASE_ files) refers to {e.filename}, which does not exist. "
-            "_BASE_ paths are relative to the file that names them."
+            f"config file {config_file} (or one of its _BASE_ files) refers to {e.filename}, which "
+            "does not exist. _BASE_ paths are relative to the file that names them."
         ) from None
     return check_config_values(cfg, f"config file {config_file}")
 
@@ -222,12 +223,13 @@ def check_solver_steps(cfg: CfgNode) -> CfgNode:
     steps = tuple(solver.STEPS)
     if any(s <= 0 for s in steps):
         raise ConfigValueError(
-            f"SOLVER.STEPS {steps}: the iterations at which the learning rate drops must be positive"
+            f"SOLVER.STEPS {steps}: the iterations at which the learning rate drops must be "
+            "positive"
         )
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise ConfigValueError(
-            f"SOLVER.STEPS {steps}: the iterations at which the learning rate drops must be strictly "
-            f"increasing, e.g. {tuple(sorted(set(steps)))}"
+            f"SOLVER.STEPS {steps}: the iterations at which the learning rate drops must be "
+            f"strictly increasing, e.g. {tuple(sorted(set(steps)))}"
         )
     max_iter = solver.MAX_ITER
     dropped = tuple(s for s in steps if s >= max_iter)

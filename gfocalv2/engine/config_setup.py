@@ -46,7 +46,8 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     if opts:
         if len(opts) % 2:
             raise ValueError(
-                f"config overrides must be KEY VALUE pairs, got an odd number of items: {list(opts)}"
+                "config overrides must be KEY VALUE pairs, got an odd number of items: "
+                f"{list(opts)}"
             )
         merge_config_list(cfg, list(opts))
     if register_coco:
@@ -71,7 +72,8 @@ def setup_cfg(args, freeze=True):
         args.config_file, args.opts, getattr(args, "register_coco", None) or (), freeze=freeze
     )
     # default_setup's environment report imports torch.utils.cpp_extension, whose probe for a CUDA
-    # toolkit (used to build C++ extensions, which training does not do) warns on machines without one.
+    # toolkit (used to build C++ extensions, which training does not do) warns on machines
+    # without one.
     probe = logging.getLogger("torch.utils.cpp_extension")
     level = probe.level
     probe.setLevel(logging.ERROR)

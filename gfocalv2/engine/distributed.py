@@ -63,12 +63,13 @@ def _uses_cuda(device):
 
 
 def check_launch(cfg, num_gpus_per_machine, num_machines=1, training=True):
-    """Raise :class:`LaunchError` if ``cfg`` cannot run on ``num_gpus_per_machine x num_machines`` processes
-    (``training=False``: evaluation only, where BatchNorm statistics are not updated)."""
+    """Raise :class:`LaunchError` if ``cfg`` cannot run on
+    ``num_gpus_per_machine x num_machines`` processes (``training=False``: evaluation only,
+    where BatchNorm statistics are not updated)."""
     if num_gpus_per_machine < 1:
         raise LaunchError(
-            f"--num-gpus {num_gpus_per_machine}: give the number of processes per machine, at least 1 "
-            "(one per GPU with CUDA; without CUDA, CPU processes)."
+            f"--num-gpus {num_gpus_per_machine}: give the number of processes per machine, at "
+            "least 1 (one per GPU with CUDA; without CUDA, CPU processes)."
         )
     if num_machines < 1:
         raise LaunchError(f"--num-machines {num_machines}: give at least 1.")
@@ -77,8 +78,9 @@ def check_launch(cfg, num_gpus_per_machine, num_machines=1, training=True):
         available = torch.cuda.device_count()
         if num_gpus_per_machine > available:
             raise LaunchError(
-                f"--num-gpus {num_gpus_per_machine}, but this machine has {available} CUDA device(s): give at most "
-                f"--num-gpus {available} (one process per GPU), or MODEL.DEVICE cpu to run CPU processes."
+                f"--num-gpus {num_gpus_per_machine}, but this machine has {available} CUDA "
+                f"device(s): give at most --num-gpus {available} (one process per GPU), or "
+                "MODEL.DEVICE cpu to run CPU processes."
             )
     if world_size > 1 and training:
         trained_bn = [key for key, value in _norm_keys(cfg.MODEL, "MODEL") if value == "BN"]
@@ -89,10 +91,12 @@ def check_launch(cfg, num_gpus_per_machine, num_machines=1, training=True):
         fits = [n for n in range(1, total + 1) if total > 0 and total % n == 0]
         raise LaunchError(
             f"SOLVER.IMS_PER_BATCH {total} cannot be split evenly over {world_size} processes "
-            f"(--num-gpus {num_gpus_per_machine} x --num-machines {num_machines}): each process takes "
-            f"IMS_PER_BATCH / processes images per step. Set SOLVER.IMS_PER_BATCH to a multiple of {world_size}"
+            f"(--num-gpus {num_gpus_per_machine} x --num-machines {num_machines}): each process "
+            "takes IMS_PER_BATCH / processes images per step. Set SOLVER.IMS_PER_BATCH to a "
+            f"multiple of {world_size}"
             + (
-                f", or use a number of processes that divides {total} ({', '.join(map(str, fits))})."
+                f", or use a number of processes that divides {total} "
+                f"({', '.join(map(str, fits))})."
                 if fits
                 else "."
             )
@@ -109,15 +113,17 @@ def _norm_keys(node, prefix):
 
 
 def _batch_norm_message(where, world_size, device):
-    """``where``: config keys (set to "BN") or module names with trained, unsynchronized BatchNorm."""
+    """``where``: config keys (set to "BN") or module names with trained, unsynchronized
+    BatchNorm."""
     synced = "SyncBN" if _uses_cuda(device) else "naiveSyncBN"
     keys = [w for w in where if w.startswith("MODEL.")] or ["MODEL.RESNETS.NORM"]
     return (
-        f"BatchNorm with trained statistics ({', '.join(where[:3])}) would train separately in each of the "
-        f"{world_size} processes: they would normalize differently, and only rank 0's statistics would be saved. "
-        f"Synchronize the statistics over the processes with {' '.join(k + ' ' + synced for k in keys[:3])} "
-        f"(Detectron2's {synced}{'' if _uses_cuda(device) else ', which runs on CPU and CUDA'}), or use frozen "
-        'statistics ("FrozenBN", "BNEval") or "GN".'
+        f"BatchNorm with trained statistics ({', '.join(where[:3])}) would train separately in "
+        f"each of the {world_size} processes: they would normalize differently, and only rank "
+        "0's statistics would be saved. Synchronize the statistics over the processes with "
+        f"{' '.join(k + ' ' + synced for k in keys[:3])} "
+        f"(Detectron2's {synced}{'' if _uses_cuda(device) else ', which runs on CPU and CUDA'}), "
+        'or use frozen statistics ("FrozenBN", "BNEval") or "GN".'
     )
 
 
@@ -193,8 +199,8 @@ def launch(
     threads = _cpu_threads_per_process(num_gpus_per_machine)
     # Printed: the launching process has no logger set up, and this is the one thing it says.
     print(
-        f"Starting {num_gpus_per_machine} CPU processes on the gloo backend ({threads} thread(s) each): CPU "
-        "processes check a multi-process set-up, they do not make training faster.",
+        f"Starting {num_gpus_per_machine} CPU processes on the gloo backend ({threads} thread(s) "
+        "each): CPU processes check a multi-process set-up, they do not make training faster.",
         flush=True,
     )
     context = mp.start_processes(
@@ -230,7 +236,8 @@ def _join_forwarding_signals(context):
     to them (each finishes its step, saves, stops). Once one process has ended with an error or an
     interruption, the others get time to stop by themselves (they stop within seconds: see
     :class:`ProcessFaults`) before torch ends them. Workers that all stopped on a signal end this
-    process with the same status, without a traceback; a failed worker raises here, with its error."""
+    process with the same status, without a traceback; a failed worker raises here, with its
+    error."""
     import multiprocessing.connection
     import time
 
@@ -265,7 +272,8 @@ def _join_forwarding_signals(context):
 
 
 def create_ddp_model(model, **kwargs):
-    """Detectron2's ``create_ddp_model`` (``model`` itself with one process), for CUDA and CPU models.
+    """Detectron2's ``create_ddp_model`` (``model`` itself with one process), for CUDA and CPU
+    models.
 
     ``broadcast_buffers`` (what Detectron2's trainer passes) becomes ``forward_sync_buffers`` where
     torch has it and deprecates the former: the same behaviour in the forward pass, and the buffers

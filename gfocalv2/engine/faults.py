@@ -114,8 +114,10 @@ class ProcessFaults:
             return None
         for rank in range(self.world_size):
             key = f"{self._KEY}{rank}"
-            if rank != self.rank and self._try(lambda: self.store.check([key]), False):
-                return rank, self._try(lambda: self.store.get(key).decode(), "(unknown error)")
+            if rank != self.rank and self._try(lambda key=key: self.store.check([key]), False):
+                return rank, self._try(
+                    lambda key=key: self.store.get(key).decode(), "(unknown error)"
+                )
         return None
 
     def leave_collectives(self):
@@ -135,8 +137,8 @@ class ProcessFaults:
             return self.store.get(self._SAVED).decode()
         except Exception:  # noqa: BLE001  (rank 0 is gone or did not answer in time)
             return (
-                "The main process (rank 0) did not confirm a save (it may have failed too); the last checkpoint in "
-                "OUTPUT_DIR (last_checkpoint) is the state to resume from."
+                "The main process (rank 0) did not confirm a save (it may have failed too); the "
+                "last checkpoint in OUTPUT_DIR (last_checkpoint) is the state to resume from."
             )
 
     @staticmethod

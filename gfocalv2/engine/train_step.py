@@ -189,10 +189,10 @@ class GuardedModel:
             if model.training and not all_finite_tensors(weights):
                 it = self._get_iteration()
                 raise NonFiniteLossError(
-                    f"The model's weights are not finite at iteration {it}: the update of an earlier "
-                    "iteration diverged (finite loss and gradients, too large a step), and the forward "
-                    f"pass then failed ({type(e).__name__}: {e}). "
-                    f"Batch: {'; '.join(self.last_batch) or '(unknown)'}.",
+                    f"The model's weights are not finite at iteration {it}: the update of an "
+                    "earlier iteration diverged (finite loss and gradients, too large a step), and "
+                    f"the forward pass then failed ({type(e).__name__}: {e}). Batch: "
+                    f"{'; '.join(self.last_batch) or '(unknown)'}.",
                     iteration=it,
                     images=list(self.last_batch),
                 ) from e
@@ -212,7 +212,8 @@ class GuardedModel:
             images = self.last_batch
             terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
             raise NonFiniteLossError(
-                f"Non-finite loss at iteration {it}: {terms}. Batch: {'; '.join(images) or '(unknown)'}.",
+                f"Non-finite loss at iteration {it}: {terms}. Batch: "
+                f"{'; '.join(images) or '(unknown)'}.",
                 iteration=it,
                 losses=values,
                 images=images,
@@ -240,8 +241,8 @@ def check_gradients_before_update(optimizer, guarded_model, get_iteration, on_up
             terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
             batch = "; ".join(guarded_model.last_batch) or "(unknown)"
             raise NonFiniteLossError(
-                f"Non-finite gradient at iteration {it} (the losses were finite: {terms}); the update "
-                f"was not applied. Batch: {batch}.",
+                f"Non-finite gradient at iteration {it} (the losses were finite: {terms}); the "
+                f"update was not applied. Batch: {batch}.",
                 iteration=it,
                 losses=values,
                 images=list(guarded_model.last_batch),

@@ -18,7 +18,8 @@ last iteration, ``metrics.json`` + TensorBoard events + console log with ETA,
 * Resume: the loader continues at the resumed iteration with the saved data seed, and the
   optimizer state is saved with Detectron2 0.6 too, so a resumed run trains on exactly the
   batches of an uninterrupted one: same weights, bit for bit, on CPU.
-* Checkpoints: atomic writes and checked loads (:class:`~gfocalv2.engine.checkpoint.GFocalCheckpointer`).
+* Checkpoints: atomic writes and checked loads
+  (:class:`~gfocalv2.engine.checkpoint.GFocalCheckpointer`).
 * Faults: a failed step (non-finite loss or gradient, data loading, forward) saves the state
   after the previous iteration unless the periodic checkpointer already has it; a failing
   hook (an evaluation) saves the state of the iteration that has just finished; SIGTERM/SIGINT
@@ -207,8 +208,8 @@ class Trainer(DefaultTrainer):
             # the rest (iteration, hooks) as TrainerBase does.
             TrainerBase.load_state_dict(self, state_dict)
             logger.warning(
-                "The checkpoint has no optimizer state (written by Detectron2's DefaultTrainer 0.6?): "
-                "SGD momentum restarts from zero"
+                "The checkpoint has no optimizer state (written by Detectron2's DefaultTrainer "
+                "0.6?): SGD momentum restarts from zero"
             )
 
     # ------------------------------------------------------------------ steps
@@ -230,9 +231,9 @@ class Trainer(DefaultTrainer):
                 saved = self._stop_together(e, self._save_last_good_state)
                 if isinstance(e, NonFiniteLossError):
                     e.args = (
-                        f"{e} {saved} To continue: lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or "
-                        "enable SOLVER.CLIP_GRADIENTS (and check these images' annotations), then run "
-                        "again with --resume.",
+                        f"{e} {saved} To continue: lower SOLVER.BASE_LR, lengthen "
+                        "SOLVER.WARMUP_ITERS or enable SOLVER.CLIP_GRADIENTS (and check these "
+                        "images' annotations), then run again with --resume.",
                     )
             raise
 
@@ -299,7 +300,8 @@ class Trainer(DefaultTrainer):
         saved = self._share_save(save())
         if other is not None:
             raise ProcessFailedError(
-                f"Stopped at iteration {self.iter} because process {other[0]} failed: {other[1]} {saved}"
+                f"Stopped at iteration {self.iter} because process {other[0]} failed: {other[1]} "
+                f"{saved}"
             ) from error
         if alone and self._faults.enabled:
             logger.error(
@@ -322,7 +324,10 @@ class Trainer(DefaultTrainer):
         """Checkpoint of the state after iteration ``self.iter - 1`` (the current step failed
         before changing anything); returns a sentence saying where."""
         if self.iter - 1 < self.start_iter:
-            return "Nothing was trained in this run yet; the last checkpoint (if any) is the last good state."
+            return (
+                "Nothing was trained in this run yet; the last checkpoint (if any) is the last "
+                "good state."
+            )
         model = self.model
         if not all_finite_tensors(list(model.parameters()) + list(model.buffers())):
             has_last = self.checkpointer.has_checkpoint()
@@ -331,8 +336,9 @@ class Trainer(DefaultTrainer):
                 "The model's weights are not finite: not saving them over the last checkpoint"
             )
             return (
-                "The model's weights had already become non-finite (an earlier update diverged), so they "
-                f"were not saved; the last good checkpoint is {last or '(none: start over)'}."
+                "The model's weights had already become non-finite (an earlier update diverged), "
+                "so they were not saved; the last good checkpoint is "
+                f"{last or '(none: start over)'}."
             )
         return self._save_state(self.iter - 1, "the last good state")
 

@@ -13,7 +13,8 @@ __all__ = ["metadata_for", "draw_predictions", "visualize_files"]
 
 
 def metadata_for(cfg):
-    """Metadata (class names) of ``DATASETS.TEST[0]`` (or TRAIN[0]); a generic one if neither exists."""
+    """Metadata (class names) of ``DATASETS.TEST[0]`` (or TRAIN[0]); a generic one if neither
+    exists."""
     names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     for name in names:
         try:

@@ -16,7 +16,8 @@ def distribution_to_distance(logits: Tensor, reg_max: int) -> Tensor:
     """Expected side distances of general distributions.
 
     Args:
-        logits: (..., 4 * (reg_max + 1)), side-major: [left bins, top bins, right bins, bottom bins].
+        logits: (..., 4 * (reg_max + 1)), side-major: [left bins, top bins, right bins,
+            bottom bins].
 
     Returns:
         (..., 4) distances in bins (stride units), each in [0, reg_max].

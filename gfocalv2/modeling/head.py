@@ -76,14 +76,16 @@ class GFocalHead(nn.Module):
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
             raise ValueError(
-                f"GFocalHead shares its convs over levels: all input levels need the same channels, got {sorted(channels)}"
+                "GFocalHead shares its convs over levels: all input levels need the same channels, "
+                f"got {sorted(channels)}"
             )
         in_channels = channels.pop()
         if reg_max < 1:
             raise ValueError(f"MODEL.GFOCAL.REG_MAX must be >= 1, got {reg_max}")
         if dgqp_enabled and not 1 <= dgqp_topk <= reg_max + 1:
             raise ValueError(
-                f"MODEL.GFOCAL.DGQP_TOPK must be in [1, REG_MAX + 1 = {reg_max + 1}], got {dgqp_topk}"
+                f"MODEL.GFOCAL.DGQP_TOPK must be in [1, REG_MAX + 1 = {reg_max + 1}], got "
+                f"{dgqp_topk}"
             )
         self.num_classes = num_classes
         self.reg_max = reg_max

@@ -96,7 +96,8 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 def has_folded_batchnorm(model: nn.Module) -> bool:
-    """Whether :func:`fold_batchnorm` changed ``model`` (its parameters no longer match checkpoints)."""
+    """Whether :func:`fold_batchnorm` changed ``model`` (its parameters no longer match
+    checkpoints)."""
     return any(getattr(m, FOLDED_ATTR, False) for m in model.modules())
 
 

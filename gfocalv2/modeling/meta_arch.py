@@ -1,7 +1,8 @@
 """The GFocalV2 meta-architecture (GFLV1 when the DGQP is switched off).
 
 images -> backbone/FPN -> GFocalHead -> training: ATSS targets + QFL/GIoU/DFL
-                                    -> inference: joint scores, per-level top-k, decode, class-wise NMS
+                                    -> inference: joint scores, per-level top-k, decode,
+                                       class-wise NMS
 """
 
 import logging
@@ -95,7 +96,8 @@ class GFocalV2(DenseDetector):
         feature_strides = [shapes[f].stride for f in head_in_features]
         if list(anchor_generator.strides) != feature_strides:
             raise ValueError(
-                f"Anchor strides {anchor_generator.strides} differ from the strides {feature_strides} of {head_in_features}"
+                f"Anchor strides {anchor_generator.strides} differ from the strides "
+                f"{feature_strides} of {head_in_features}"
             )
         if num_classes != head.num_classes:
             raise ValueError(
@@ -106,12 +108,13 @@ class GFocalV2(DenseDetector):
         levels, unused = unread_level_parameters(self, "backbone", backbone, head_in_features)
         if unused:
             raise ValueError(
-                f"MODEL.GFOCAL.IN_FEATURES {list(head_in_features)} does not read the backbone levels {levels}, "
-                f"and these trainable parameters serve only them, so they would never get a gradient "
-                f"(DistributedDataParallel stops at the 2nd iteration on such parameters): {unused}. "
-                f"Read these levels, or use a backbone that builds only the levels the head reads "
-                f"(gfocalv2's build_gfocal_resnet_fpn_backbone / build_gfocal_res2net_fpn_backbone do), "
-                f"or set requires_grad=False on these parameters."
+                f"MODEL.GFOCAL.IN_FEATURES {list(head_in_features)} does not read the backbone "
+                f"levels {levels}, and these trainable parameters serve only them, so they would "
+                "never get a gradient (DistributedDataParallel stops at the 2nd iteration on such "
+                f"parameters): {unused}. Read these levels, or use a backbone that builds only the "
+                "levels the head reads (gfocalv2's build_gfocal_resnet_fpn_backbone / "
+                "build_gfocal_res2net_fpn_backbone do), or set requires_grad=False on these "
+                "parameters."
             )
         self.anchor_generator = anchor_generator
         self.num_classes = num_classes
@@ -136,8 +139,8 @@ class GFocalV2(DenseDetector):
         missing = [f for f in g.IN_FEATURES if f not in shapes]
         if missing:
             raise ValueError(
-                f"MODEL.GFOCAL.IN_FEATURES {list(g.IN_FEATURES)}: {missing} not produced by the backbone "
-                f"{cfg.MODEL.BACKBONE.NAME}, which outputs {sorted(shapes)}"
+                f"MODEL.GFOCAL.IN_FEATURES {list(g.IN_FEATURES)}: {missing} not produced by the "
+                f"backbone {cfg.MODEL.BACKBONE.NAME}, which outputs {sorted(shapes)}"
             )
         feature_shapes = [shapes[f] for f in g.IN_FEATURES]
         return {
@@ -225,7 +228,8 @@ class GFocalV2(DenseDetector):
         return cls, box, quality
 
     def joint_scores(self, cls_logits: Tensor, quality_logits: Optional[Tensor]) -> Tensor:
-        """(..., C) class logits and (..., 1) DGQP logits -> (..., C) joint class-quality scores in [0, 1]."""
+        """(..., C) class logits and (..., 1) DGQP logits -> (..., C) joint class-quality
+        scores in [0, 1]."""
         scores = cls_logits.float().sigmoid()
         if quality_logits is not None:
             scores = scores * quality_logits.float().sigmoid()
@@ -281,7 +285,8 @@ class GFocalV2(DenseDetector):
         return anchors, strides, gt_boxes, gt_classes, matched_idx, is_pos, valid
 
     def _pad_ground_truth(self, gt_instances: List[Instances]) -> Tuple[Tensor, Tensor, Tensor]:
-        """Ground truth as (N, G, 4) boxes, (N, G) classes and (N, G) validity, G = max boxes per image."""
+        """Ground truth as (N, G, 4) boxes, (N, G) classes and (N, G) validity,
+        G = max boxes per image."""
         G = max([1] + [len(x) for x in gt_instances])  # at least one (padding) column
         N = len(gt_instances)
         boxes = torch.zeros((N, G, 4), device=self.device)

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""DigitScenes quickstart (`make demo`): generate the data, train GFocalV2 on CPU, evaluate, draw.
+r"""DigitScenes quickstart (`make demo`): generate the data, train GFocalV2 on CPU, evaluate, draw.
 
-    python projects/DigitScenes/train_digits.py                  # GFocalV2, R-18-FPN, ~8 min on 2 CPU cores
-    python projects/DigitScenes/train_digits.py --gfl-v1         # the same with GFL (V1)
-    python projects/DigitScenes/train_digits.py --config-file projects/DigitScenes/configs/retinanet_R_18_digits.yaml
-    python projects/DigitScenes/train_digits.py --eval-only MODEL.WEIGHTS output/digit_scenes/model_final.pth
-    python projects/DigitScenes/train_digits.py --resume         # continue from OUTPUT_DIR/last_checkpoint
-    python projects/DigitScenes/train_digits.py SOLVER.MAX_ITER 200 OUTPUT_DIR output/quick   # KEY VALUE overrides
+    python projects/DigitScenes/train_digits.py  # GFocalV2, R-18-FPN, ~8 min on 2 CPU cores
+    python projects/DigitScenes/train_digits.py --gfl-v1  # the same with GFL (V1)
+    python projects/DigitScenes/train_digits.py \
+        --config-file projects/DigitScenes/configs/retinanet_R_18_digits.yaml
+    python projects/DigitScenes/train_digits.py \
+        --eval-only MODEL.WEIGHTS output/digit_scenes/model_final.pth
+    python projects/DigitScenes/train_digits.py --resume  # continue from OUTPUT_DIR/last_checkpoint
+    python projects/DigitScenes/train_digits.py \
+        SOLVER.MAX_ITER 200 OUTPUT_DIR output/quick  # KEY VALUE overrides
 
 It accepts every flag of the top-level train_net.py (--num-gpus, --register-coco, ...).
 """
@@ -52,9 +55,10 @@ def get_parser():
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="train and evaluate GFocalV2, GFL (V1), Detectron2's RetinaNet and FCOS on the same data, backbone "
-        "and schedule (one after the other, each in its own process; trailing KEY VALUE overrides apply to all), "
-        "then print a table. Outputs go to output/digit_scenes_compare/<config>/ (or OUTPUT_DIR/<config>).",
+        help="train and evaluate GFocalV2, GFL (V1), Detectron2's RetinaNet and FCOS on the same "
+        "data, backbone and schedule (one after the other, each in its own process; trailing KEY "
+        "VALUE overrides apply to all), then print a table. Outputs go to "
+        "output/digit_scenes_compare/<config>/ (or OUTPUT_DIR/<config>).",
     )
     return parser
 
@@ -115,8 +119,8 @@ def run_comparison(args):
             lines.append(f"| {name} | {config} | failed (exit {rc}) | | | | | {minutes:.1f} |")
             continue
         lines.append(
-            f"| {name} | {config} | {b['AP']:.1f} | {b['AP50']:.1f} | {b['AP75']:.1f} | {b['APs']:.1f} | "
-            f"{b['APm']:.1f} | {minutes:.1f} |"
+            f"| {name} | {config} | {b['AP']:.1f} | {b['AP50']:.1f} | {b['AP75']:.1f} | "
+            f"{b['APs']:.1f} | {b['APm']:.1f} | {minutes:.1f} |"
         )
     table = "\n".join(lines)
     print("\n" + table, flush=True)
@@ -150,8 +154,8 @@ def _bbox_results(results):
 def draw_val_predictions(cfg, weights, num, threshold):
     """Draw the predictions of the checkpoint ``weights`` on the first ``num`` val images."""
     from detectron2.data import DatasetCatalog
-    from detectron2.engine import DefaultPredictor
 
+    from gfocalv2.engine.predictor import Predictor
     from gfocalv2.engine.visualize import metadata_for, visualize_files
 
     cfg = cfg.clone()
@@ -163,7 +167,7 @@ def draw_val_predictions(cfg, weights, num, threshold):
     out_dir = os.path.join(cfg.OUTPUT_DIR, "visualizations")
     # The scenes are 160 px: draw at 3x so that labels stay legible.
     return visualize_files(
-        DefaultPredictor(cfg), metadata_for(cfg), files, out_dir, threshold, scale=3.0
+        Predictor(cfg), metadata_for(cfg), files, out_dir, threshold, scale=3.0
     ), out_dir
 
 
@@ -217,23 +221,25 @@ def main(args):
     lines = [
         "",
         "=" * 78,
-        f"DigitScenes {'evaluation' if args.eval_only else 'training'} done in {minutes:.1f} min: {arch}, "
-        f"R-{cfg.MODEL.RESNETS.DEPTH}-FPN, {cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else 'no test set'}",
+        f"DigitScenes {'evaluation' if args.eval_only else 'training'} done in {minutes:.1f} min: "
+        f"{arch}, R-{cfg.MODEL.RESNETS.DEPTH}-FPN, "
+        f"{cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else 'no test set'}",
     ]
     if bbox:
         lines.append(
-            "  COCO bbox AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f}".format(
-                **bbox
-            )
+            "  COCO bbox AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | "
+            "APs {APs:.1f} | APm {APm:.1f}".format(**bbox)
         )
     if not args.eval_only:
         lines.append(f"  checkpoint        {os.path.abspath(weights)}")
     if cfg.DATASETS.TEST:
         lines.append(
-            f"  predictions       {os.path.join(output_dir, 'inference', 'coco_instances_results.json')}"
+            "  predictions       "
+            f"{os.path.join(output_dir, 'inference', 'coco_instances_results.json')}"
         )
     lines += [
-        f"  metrics / log     {os.path.join(output_dir, 'metrics.json')}, {os.path.join(output_dir, 'log.txt')}",
+        f"  metrics / log     {os.path.join(output_dir, 'metrics.json')}, "
+        f"{os.path.join(output_dir, 'log.txt')}",
         f"  TensorBoard       tensorboard --logdir {output_dir}",
     ]
     if vis_files:
@@ -250,7 +256,8 @@ def main(args):
         "Run the demo tool on any image with it:",
         f"  python {demo_script} --config-file {_short(config_used)}{data_root} "
         f"--input {_short(os.path.join(val_images, '000000.png'))} "
-        f"--output {_short(os.path.join(output_dir, 'demo'))} --opts MODEL.WEIGHTS {_short(os.path.abspath(weights))}",
+        f"--output {_short(os.path.join(output_dir, 'demo'))} "
+        f"--opts MODEL.WEIGHTS {_short(os.path.abspath(weights))}",
         "=" * 78,
     ]
     print("\n".join(lines), flush=True)

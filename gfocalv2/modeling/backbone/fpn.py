@@ -44,7 +44,7 @@ __all__ = [
 HEAD_IN_FEATURES_KEYS = {
     "GFocalV2": "MODEL.GFOCAL.IN_FEATURES",
     "RetinaNet": "MODEL.RETINANET.IN_FEATURES",
-    # projects/DigitScenes: Detectron2's FCOS built from the MODEL.RETINANET keys.
+    # gfocalv2/modeling/baselines.py: Detectron2's FCOS built from the MODEL.RETINANET keys.
     "D2FCOS": "MODEL.RETINANET.IN_FEATURES",
     # A yacs FCOS (not in Detectron2 0.6) would read its own node, when the config has it.
     "FCOS": "MODEL.FCOS.IN_FEATURES",
@@ -143,8 +143,8 @@ def build_gfocal_fpn(cfg, bottom_up):
     missing = [f for f in in_features if f not in shapes]
     if missing:
         raise ValueError(
-            f"MODEL.FPN.IN_FEATURES {in_features}: {missing} not produced by the bottom-up backbone, "
-            f"which outputs {sorted(shapes)}"
+            f"MODEL.FPN.IN_FEATURES {in_features}: {missing} not produced by the bottom-up "
+            f"backbone, which outputs {sorted(shapes)}"
         )
     fpn_levels = [int(math.log2(shapes[f].stride)) for f in in_features]  # "res5" (stride 32) -> 5
     last = fpn_levels[-1]

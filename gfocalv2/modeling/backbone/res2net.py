@@ -59,7 +59,8 @@ RES2NET_BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36
 
 
 class DeepStem(CNNBlockBase):
-    """v1d deep stem: 3x3/2 conv (C_in -> C/2), 3x3 (C/2 -> C/2), 3x3 (C/2 -> C), each + norm + ReLU; 3x3/2 max pool.
+    """v1d deep stem: 3x3/2 conv (C_in -> C/2), 3x3 (C/2 -> C/2), 3x3 (C/2 -> C), each
+    + norm + ReLU; 3x3/2 max pool.
 
     Input (N, C_in, H, W) -> output (N, C, H / 4, W / 4) (rounded up).
     """
@@ -85,7 +86,8 @@ class DeepStem(CNNBlockBase):
 
 
 class Bottle2neckBlock(CNNBlockBase):
-    """Res2Net bottleneck: 1x1 -> ``scales`` splits with hierarchical 3x3 convs -> 1x1, plus shortcut.
+    """Res2Net bottleneck: 1x1 -> ``scales`` splits with hierarchical 3x3 convs -> 1x1, plus
+    shortcut.
 
     Args:
         width: channels per split; the 1x1 convs use ``width * scales`` channels.
@@ -215,7 +217,8 @@ class Bottle2neckBlock(CNNBlockBase):
 
 
 def res2net_widths(base_width, res2_out_channels=256):
-    """Per-stage split width: floor(planes * base_width / 64), planes = res2_out_channels / 4 * 2^k."""
+    """Per-stage split width: floor(planes * base_width / 64),
+    planes = res2_out_channels / 4 * 2^k."""
     planes = res2_out_channels // 4
     return [int(math.floor(planes * 2**k * base_width / 64)) for k in range(4)]
 
@@ -238,7 +241,8 @@ def build_gfocal_res2net_backbone(cfg, input_shape):
     deform_on_per_stage = list(r.DEFORM_ON_PER_STAGE)
     if len(deform_on_per_stage) != 4:
         raise ValueError(
-            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform_on_per_stage}"
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got "
+            f"{deform_on_per_stage}"
         )
     norm = resolve_norm(r.NORM)
 

@@ -80,7 +80,8 @@ def resolve_norm(norm):
 
 
 class DeformConv2d(nn.Module):
-    """Deformable convolution (DCNv1, or DCNv2 when given a mask) on ``torchvision.ops.deform_conv2d``.
+    """Deformable convolution (DCNv1, or DCNv2 when given a mask) on
+    ``torchvision.ops.deform_conv2d``.
 
     Drop-in for ``detectron2.layers.DeformConv`` / ``ModulatedDeformConv``: same
     parameters (``weight`` of shape (C_out, C_in / groups, k, k), optional ``bias``),
@@ -137,8 +138,8 @@ class DeformConv2d(nn.Module):
         k = self.kernel_size[0] * self.kernel_size[1]
         if offset.shape[1] != 2 * self.deformable_groups * k:
             raise ValueError(
-                f"offset has {offset.shape[1]} channels, expected 2 x {self.deformable_groups} deform "
-                f"group(s) x {k} taps = {2 * self.deformable_groups * k}"
+                f"offset has {offset.shape[1]} channels, expected 2 x {self.deformable_groups} "
+                f"deform group(s) x {k} taps = {2 * self.deformable_groups * k}"
             )
         if mask is not None and mask.shape[1] != self.deformable_groups * k:
             raise ValueError(
@@ -169,9 +170,10 @@ class DeformConv2d(nn.Module):
 
     def extra_repr(self):
         return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"deformable_groups={self.deformable_groups}, bias={self.bias is not None}"
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, deformable_groups={self.deformable_groups}, "
+            f"bias={self.bias is not None}"
         )
 
 
@@ -273,7 +275,8 @@ class DeformBottleneckBlock(CNNBlockBase):
 
 
 def deform_conv_forward(conv, offset_conv, x, modulated):
-    """Run ``conv`` (a :class:`DeformConv2d`) on ``x`` (N, C, H, W) with offsets (and mask) from ``offset_conv``.
+    """Run ``conv`` (a :class:`DeformConv2d`) on ``x`` (N, C, H, W) with offsets (and mask)
+    from ``offset_conv``.
 
     ``offset_conv(x)`` has 18 x G channels (offsets) or, if ``modulated``, 27 x G
     channels: the first 18 x G are the offsets, the last 9 x G the mask logits
@@ -287,7 +290,8 @@ def deform_conv_forward(conv, offset_conv, x, modulated):
 
 
 def build_gfocal_resnet_backbone(cfg, input_shape):
-    """Detectron2's ResNet from ``MODEL.RESNETS.*``, with deformable blocks that need no compiled ops.
+    """Detectron2's ResNet from ``MODEL.RESNETS.*``, with deformable blocks that need no
+    compiled ops.
 
     Reads the keys Detectron2's ``build_resnet_backbone`` reads, with the same meaning:
     DEPTH (18, 34, 50, 101, 152), NUM_GROUPS and WIDTH_PER_GROUP (ResNeXt), STRIDE_IN_1X1
@@ -316,7 +320,8 @@ def build_gfocal_resnet_backbone(cfg, input_shape):
     deform_on_per_stage = list(r.DEFORM_ON_PER_STAGE)
     if len(deform_on_per_stage) != 4:
         raise ValueError(
-            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform_on_per_stage}"
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got "
+            f"{deform_on_per_stage}"
         )
     if res5_dilation not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")

@@ -32,6 +32,8 @@ setup(
         "torchvision>=0.11",
         "fvcore>=0.1.5",
         "pycocotools>=2.0.2",
+        # COCO evaluation without compiled ops; pycocotools does it (slower) on Python < 3.10
+        "faster-coco-eval>=1.8.0; python_version >= '3.10'",
         "numpy",
         "Pillow",
         "opencv-python-headless",

@@ -18,9 +18,8 @@ from gfocalv2.modeling import atss_assign
 from gfocalv2.modeling.backbone.resnet import DeformConv2d
 from gfocalv2.modeling.inference_optimization import optimize_for_inference
 
-from model_utils import gfocal_cfg, random_input
-from test_amp import varied_model
-from test_atss import make_anchors
+from tests.utils.atss import make_anchors
+from tests.utils.models import gfocal_cfg, random_input, varied_model
 
 DEVICE = os.environ.get("GFOCALV2_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no accelerator (CUDA) available")
@@ -170,12 +169,12 @@ def test_float16_autocast_training_and_inference():
     assert matched[:20].all() and matched.float().mean() >= 0.95
 
 
-def test_trainer_with_solver_amp(tmp_path):
-    from helpers_workflow import DIGITS_CONFIG, make_tiny_dataset, tiny_opts
+def test_trainer_with_solver_amp(tiny_digits, tmp_path):
+    from tests.utils.workflow import DIGITS_CONFIG, tiny_opts
 
     from gfocalv2.engine import Trainer, build_cfg, register_coco_datasets
 
-    data = make_tiny_dataset(tmp_path / "data")
+    data = tiny_digits
     register_coco_datasets([["acc_train", *map(str, data["train"])], ["acc_val", *map(str, data["val"])]])
     opts = tiny_opts(tmp_path / "out", "acc_train", "acc_val", max_iter=3)
     opts += ["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", DEVICE]

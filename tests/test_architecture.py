@@ -115,3 +115,32 @@ def test_config_keys_are_defined_only_in_config_py():
                                                                         "DATASETS", "DATALOADER", "GFOCAL"):
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: cfg.{owner.attr}.get(...)")
     assert not offenders, offenders
+
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def test_tests_find_their_helpers_as_a_package():
+    """tests/ is a package mirroring gfocalv2/: helpers are imported as ``tests.utils.*`` (the
+    repository root is on the import path through pytest.ini), never found through sys.path or
+    by a bare module name, and no test module imports another."""
+    offenders = []
+    for path in sorted(TESTS.rglob("*.py")):
+        rel = path.relative_to(TESTS)
+        if not (path.parent / "__init__.py").exists():
+            offenders.append(f"{rel}: its folder has no __init__.py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr == "path":
+                if isinstance(node.value, ast.Name) and node.value.id == "sys":
+                    offenders.append(f"{rel}:{node.lineno}: sys.path")
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top.startswith("test_") or top in ("conftest", "digit_scenes") or top.endswith("_utils"):
+                    offenders.append(f"{rel}:{node.lineno}: import {name}")
+    assert not offenders, offenders

@@ -153,12 +153,10 @@ def test_a_training_step_and_inference_print_nothing():
     without indexing=) are not shown to the user either."""
     code = textwrap.dedent(
         """
-        import sys
-        sys.path.insert(0, "tests")
         import gfocalv2  # first, as the README says
         import torch
         from detectron2.modeling import build_model
-        from model_utils import gfocal_cfg, random_input
+        from tests.utils.models import gfocal_cfg, random_input
         torch.manual_seed(0)
         model = build_model(gfocal_cfg(tiny=True)).train()
         g = torch.Generator().manual_seed(0)
@@ -169,9 +167,11 @@ def test_a_training_step_and_inference_print_nothing():
             model([{"image": torch.rand(3, 64, 64) * 255}])
         """
     )
+    from tests.utils.workflow import env_with_repo_on_pythonpath  # the code imports tests.utils
+
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONWARNINGS": "default"},
+        env={**env_with_repo_on_pythonpath(), "PYTHONWARNINGS": "default"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "" and proc.stderr == "", proc.stderr[-3000:]

@@ -6,9 +6,7 @@ import os
 import pytest
 import torch
 
-from helpers_workflow import REPO
-
-import digit_scenes  # noqa: F401,E402  (registers the project's "D2FCOS" comparison meta-architecture)
+from tests.utils.workflow import REPO
 
 from gfocalv2.engine import build_cfg
 

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from helpers_workflow import TINY_PARAMS
+from tests.utils.workflow import TINY_PARAMS
 
-from digit_scenes import CLASS_NAMES, prepare, register_digit_scenes
+from projects.DigitScenes.digit_scenes import CLASS_NAMES, prepare, register_digit_scenes
 
 
 def _tree_digest(root):
@@ -67,7 +67,7 @@ def test_coco_json_is_valid(tiny):
 
 def test_boxes_are_tight_and_inside():
     """Each box is exactly the bounding box of its digit's ink (the pixels the digit changed)."""
-    from digit_scenes.generate import DEFAULT_PARAMS, _draw_scene, _load_digits, _split_indices
+    from projects.DigitScenes.digit_scenes.generate import DEFAULT_PARAMS, _draw_scene, _load_digits, _split_indices
 
     params = {**DEFAULT_PARAMS, **TINY_PARAMS, "image_size": 96, "max_digits": 5}
     glyphs, labels = _load_digits()
@@ -91,7 +91,7 @@ def test_boxes_are_tight_and_inside():
 
 
 def test_splits_use_disjoint_handwriting():
-    from digit_scenes.generate import _split_indices
+    from projects.DigitScenes.digit_scenes.generate import _split_indices
 
     train, val = _split_indices(1797, 0)
     assert len(set(train) & set(val)) == 0 and len(train) + len(val) == 1797

@@ -6,7 +6,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 
-from model_utils import gfocal_cfg, instances
+from tests.utils.models import gfocal_cfg, instances
 
 COLORS = torch.tensor([[230.0, 40, 40], [40, 200, 40], [40, 60, 230]])
 

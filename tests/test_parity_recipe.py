@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_workflow import DIGITS_PROJECT, REPO
-from reliability_utils import dump, register, write_coco
+from tests.utils.workflow import DIGITS_PROJECT, REPO
+from tests.utils.reliability import dump, register, write_coco
 
 from gfocalv2.engine import build_cfg
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers_workflow import REPO
+from tests.utils.workflow import REPO
 
 SCRIPT = REPO / "projects" / "DigitScenes" / "train_digits.py"
 

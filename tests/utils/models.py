@@ -1,15 +1,17 @@
-"""Helpers shared by the model tests: tiny configs and synthetic inputs."""
+"""Helpers shared by the model tests: tiny configs, synthetic inputs, a tiny model that
+answers like a trained one."""
 import os
 
 import torch
 
 from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from gfocalv2 import add_gfocalv2_config
 
-BASE_CONFIG = "configs/Base-GFocalV2.yaml"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE_CONFIG = os.path.join(REPO, "configs", "Base-GFocalV2.yaml")
 
 
 def tiny_config_file(tmp_path, extra=""):
@@ -67,3 +69,14 @@ def random_input(g, h, w, num_boxes, num_classes):
     boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([float(w), float(h)]))], 1)
     classes = torch.randint(0, num_classes, (num_boxes,), generator=g)
     return {"image": torch.rand(3, h, w, generator=g) * 255, "instances": instances((h, w), boxes, classes)}
+
+
+def varied_model():
+    """A tiny GFLV2 with location- and class-dependent scores and boxes (as a trained model)."""
+    torch.manual_seed(0)
+    model = build_model(gfocal_cfg("MODEL.PIXEL_STD", [50.0, 50.0, 50.0], tiny=True)).eval()
+    with torch.no_grad():
+        model.head.cls_score.weight.normal_(0.0, 0.05)
+        model.head.cls_score.bias.fill_(-1.5)
+        model.head.bbox_pred.weight.normal_(0.0, 0.05)
+    return model

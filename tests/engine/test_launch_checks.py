@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from model_utils import REPO, gfocal_cfg
+from tests.utils.models import REPO, gfocal_cfg
 
 from gfocalv2.engine.distributed import LaunchError, check_launch, create_ddp_model
 

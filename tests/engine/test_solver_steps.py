@@ -5,15 +5,14 @@ import logging
 
 import pytest
 
-from reliability_utils import DIGITS_CONFIG, capture_logs, make_trainer, messages, register, tiny_cfg, write_coco
+from tests.utils.reliability import DIGITS_CONFIG, capture_logs, make_trainer, messages, tiny_cfg
 
 from gfocalv2.engine import build_cfg
 from gfocalv2.engine.config_checks import ConfigValueError, check_solver_steps
 
 
-def test_steps_at_or_after_max_iter_are_dropped_and_training_runs(tmp_path):
-    json_path, image_dir, _ = write_coco(tmp_path, sizes=[(64, 64)] * 4)
-    name = register("solver_steps_train", json_path, image_dir)
+def test_steps_at_or_after_max_iter_are_dropped_and_training_runs(coco_dataset, tmp_path):
+    name = coco_dataset("solver_steps_train", sizes=[(64, 64)] * 4).name
     with capture_logs() as logs:
         cfg = tiny_cfg(tmp_path / "o", name, name, max_iter=8, extra=["SOLVER.STEPS", "(8,)"])
     warnings = [r.getMessage() for r in logs.records if r.levelno >= logging.WARNING and "SOLVER.STEPS" in r.getMessage()]

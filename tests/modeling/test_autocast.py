@@ -1,13 +1,14 @@
 """Mixed precision (SOLVER.AMP-style autocast; bfloat16 on CPU): training steps keep the
 losses in float32 and finite while the network runs in low precision; inference under
-autocast gives the float32 model's detections within tolerance."""
+autocast gives the float32 model's detections within tolerance. The trainer with
+SOLVER.AMP.ENABLED: tests/engine/test_amp_trainer.py."""
 import pytest
 import torch
 
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 
-from model_utils import gfocal_cfg, random_input
+from tests.utils.models import gfocal_cfg, random_input, varied_model
 
 AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -58,17 +59,6 @@ def test_autocast_losses_close_to_float32():
         torch.testing.assert_close(half[name], full[name], rtol=0.05, atol=1e-3, msg=name)
 
 
-def varied_model():
-    """A tiny GFLV2 with location- and class-dependent scores and boxes (as a trained model)."""
-    torch.manual_seed(0)
-    model = build_model(gfocal_cfg("MODEL.PIXEL_STD", [50.0, 50.0, 50.0], tiny=True)).eval()
-    with torch.no_grad():
-        model.head.cls_score.weight.normal_(0.0, 0.05)
-        model.head.cls_score.bias.fill_(-1.5)
-        model.head.bbox_pred.weight.normal_(0.0, 0.05)
-    return model
-
-
 def test_autocast_inference_same_detections():
     model = varied_model()
     g = torch.Generator().manual_seed(2)
@@ -94,26 +84,3 @@ def test_autocast_inference_same_detections():
     # bfloat16's resolution, NMS may keep a neighbour instead (a few percent).
     assert matched[:20].all(), matched[:20]
     assert matched.float().mean() >= 0.95, f"{int((~matched).sum())} of {len(confident)} detections lost under autocast"
-
-
-def test_trainer_with_solver_amp_on_cpu(tmp_path):
-    """SOLVER.AMP.ENABLED on a CPU trains (bfloat16 autocast) instead of failing in AMPTrainer."""
-    from helpers_workflow import DIGITS_CONFIG, make_tiny_dataset, tiny_opts
-
-    from detectron2.engine import AMPTrainer
-
-    from gfocalv2.engine import Trainer, build_cfg, register_coco_datasets
-
-    data = make_tiny_dataset(tmp_path / "data")
-    register_coco_datasets([["amp_train", *map(str, data["train"])], ["amp_val", *map(str, data["val"])]])
-    opts = tiny_opts(tmp_path / "out", "amp_train", "amp_val", max_iter=2) + ["SOLVER.AMP.ENABLED", "True"]
-    cfg = build_cfg(DIGITS_CONFIG, [str(o) for o in opts])
-    trainer = Trainer(cfg)
-    # Detectron2's SimpleTrainer (its AMPTrainer needs CUDA), the forward pass under bfloat16 autocast
-    assert not isinstance(trainer._trainer, AMPTrainer) and trainer.cfg.SOLVER.AMP.ENABLED
-    assert trainer._guarded_model.cpu_autocast
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    latest = trainer.storage.latest()
-    for key in ("loss_qfl", "loss_giou", "loss_dfl"):
-        assert torch.isfinite(torch.tensor(latest[key][0])), key

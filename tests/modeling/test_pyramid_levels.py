@@ -6,10 +6,8 @@ parameters is refused when the model is built."""
 import pytest
 import torch
 
-from helpers_workflow import DIGITS_PROJECT, tiny_opts
-from model_utils import gfocal_cfg, random_input
-
-import digit_scenes  # noqa: F401  (registers the project's "D2FCOS" comparison meta-architecture)
+from tests.utils.workflow import DIGITS_PROJECT, tiny_opts
+from tests.utils.models import gfocal_cfg, random_input
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model

@@ -5,13 +5,13 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers_workflow import DIGITS_CONFIG, make_tiny_dataset, tiny_opts
+from tests.utils.workflow import DIGITS_CONFIG, tiny_opts
 
 from gfocalv2 import demo
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_digits, tmp_path_factory):
     """A tiny dataset (registered from the command line) and a checkpoint of an untrained model."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
@@ -19,7 +19,7 @@ def setup(tmp_path_factory):
     from gfocalv2.engine import build_cfg
 
     root = tmp_path_factory.mktemp("demo")
-    data = make_tiny_dataset(root / "data")
+    data = tiny_digits
     register = ["--register-coco", "demo_digits_val", *data["val"]]
     opts = tiny_opts(root / "out", "demo_digits_val", "demo_digits_val")
     cfg = build_cfg(str(DIGITS_CONFIG), opts, [("demo_digits_val", *data["val"])])
@@ -126,7 +126,7 @@ def test_digit_scenes_demo_script_help(tmp_path):
     import subprocess
     import sys
 
-    from helpers_workflow import REPO
+    from tests.utils.workflow import REPO
 
     script = REPO / "projects" / "DigitScenes" / "demo.py"
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,

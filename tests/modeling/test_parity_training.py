@@ -15,8 +15,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
 from gfocalv2.modeling import atss_assign, meta_arch
-from model_utils import gfocal_cfg, instances
-from test_atss import atss_reference, make_anchors, random_boxes
+from tests.utils.models import gfocal_cfg, instances
+from tests.utils.atss import atss_reference, make_anchors, random_boxes
 
 STRIDES = (8, 16, 32, 64, 128)
 DIV = 32  # the backbone's size divisibility
@@ -136,7 +136,7 @@ def test_dfl_targets_of_a_long_thin_box_clamped_at_reg_max_minus_0_1(monkeypatch
 # ------------------------------------------------------------ 2. anchors in padding
 def test_masked_atss_equals_atss_on_the_image_own_anchors():
     """ATSS with a validity mask on a batch-wide anchor grid gives, for a small image,
-    exactly the paper-formula assignment (test_atss.atss_reference) computed on the anchors
+    exactly the paper-formula assignment (tests.utils.atss.atss_reference) computed on the anchors
     of its own padded size only; masked anchors are never positive."""
     g = torch.Generator().manual_seed(11)
     big_levels, small_levels = make_anchors((160, 224), STRIDES), make_anchors((64, 96), STRIDES)

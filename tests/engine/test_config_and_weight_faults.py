@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model_utils import gfocal_cfg
-from reliability_utils import DIGITS_CONFIG, capture_logs, messages, register, small_opts, tiny_cfg, write_coco
+from tests.utils.models import gfocal_cfg
+from tests.utils.reliability import DIGITS_CONFIG, capture_logs, messages, small_opts, tiny_cfg, write_coco
 
 from detectron2.modeling import build_model
 
@@ -79,11 +79,10 @@ def test_reliability_keys_exist_and_are_idempotent():
 
 
 # ------------------------------------------------------------------ NUM_CLASSES vs the dataset
-def test_num_classes_must_cover_the_dataset(tmp_path):
+def test_num_classes_must_cover_the_dataset(coco_dataset, tmp_path):
     from gfocalv2.engine import Trainer
 
-    json_path, image_dir, _ = write_coco(tmp_path, sizes=[(64, 64)] * 2)
-    name = register("rel_cfg_classes", json_path, image_dir)
+    name = coco_dataset("rel_cfg_classes", sizes=[(64, 64)] * 2).name
     with pytest.raises(ValueError, match=r"'rel_cfg_classes' has 3 classes but MODEL.GFOCAL.NUM_CLASSES is 2; set MODEL.GFOCAL.NUM_CLASSES 3"):
         Trainer.build_train_loader(tiny_cfg(tmp_path / "o", name, name, num_classes=2))
     with capture_logs() as logs:
@@ -106,12 +105,11 @@ def test_missing_weights_file_is_named(tmp_path):
         checkpointer_for(cfg, model).load(str(tmp_path / "nowhere.pth"))
 
 
-def test_missing_weights_through_the_trainer_and_predictor(tmp_path):
+def test_missing_weights_through_the_trainer_and_predictor(coco_dataset, tmp_path):
     from gfocalv2.engine import Trainer
     from gfocalv2.engine.predictor import Predictor
 
-    json_path, image_dir, _ = write_coco(tmp_path, sizes=[(64, 64)] * 2)
-    name = register("rel_cfg_weights", json_path, image_dir)
+    name = coco_dataset("rel_cfg_weights", sizes=[(64, 64)] * 2).name
     cfg = tiny_cfg(tmp_path / "o", name, name, extra=["MODEL.WEIGHTS", str(tmp_path / "gone.pth")])
     trainer = Trainer(cfg)
     with pytest.raises(FileNotFoundError, match="gone.pth does not exist"):

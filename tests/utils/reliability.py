@@ -8,9 +8,15 @@ import os
 import numpy as np
 from PIL import Image
 
-from helpers_workflow import DIGITS_CONFIG, tiny_opts  # noqa: F401  (also puts the repo on sys.path)
+from tests.utils.workflow import DIGITS_CONFIG, tiny_opts  # noqa: F401  (DIGITS_CONFIG: for the tests)
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 5, "name": "c"}]
+
+#: Image sizes of both aspect-ratio groups, for the tests of the training data order.
+VARIED_SIZES = [(64, 64), (80, 48), (48, 80), (64, 64), (72, 56), (56, 72), (64, 48), (64, 64)]
+# multi-scale + flips + aspect-ratio grouping: every source of data randomness is exercised
+RANDOM_INPUT = ["INPUT.RANDOM_FLIP", "horizontal", "INPUT.MIN_SIZE_TRAIN", "(40, 48, 56, 64)",
+                "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
 
 
 def write_coco(root, sizes=((64, 64),) * 6, boxes_per_image=2, seed=0, name="data", categories=CATEGORIES):

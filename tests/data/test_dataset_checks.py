@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reliability_utils import capture_logs, dump, make_trainer, messages, register, tiny_cfg, write_coco
+from tests.utils.reliability import capture_logs, dump, make_trainer, messages, register, tiny_cfg, write_coco
 
 from gfocalv2.data import (
     DataLoadingError,
@@ -210,11 +210,9 @@ def test_training_skips_unreadable_images_and_bounds_failures(coco, tmp_path):
         dataset[(0, 0)]
 
 
-def test_a_run_with_a_truncated_image_finishes_with_a_warning(coco, tmp_path):
-    root = tmp_path / "trunc"
-    json_path, image_dir, _ = write_coco(root, sizes=[(64, 64)] * 4)
+def test_a_run_with_a_truncated_image_finishes_with_a_warning(coco_dataset, tmp_path):
+    name, _, image_dir, _ = coco_dataset("rel_trunc_train", sizes=[(64, 64)] * 4)
     _truncate(os.path.join(image_dir, "img_1.png"))
-    name = register("rel_trunc_train", json_path, image_dir)
     cfg = tiny_cfg(tmp_path / "out", name, name, max_iter=4, extra=["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"])
     with capture_logs() as logs:
         make_trainer(cfg).train()

@@ -11,23 +11,21 @@ import time
 import pytest
 import torch
 
-from helpers_workflow import make_tiny_dataset
-from multiprocess_utils import finish, one_step_worker, run, run_opts, start
+from tests.utils.multiprocess import HARNESS, finish, one_step_worker, run, run_opts, start
 
 TIMEOUT = 150  # seconds for one run; a healthy one takes 10-20 s on 2 cores
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    files = make_tiny_dataset(tmp_path_factory.mktemp("mp_data"))
-    return {split: list(files[split]) for split in ("train", "val")}
+def data(tiny_digits):
+    return {split: list(tiny_digits[split]) for split in ("train", "val")}
 
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """An uninterrupted 2-process run of 6 iterations, recording each process's batches."""
     out = tmp_path_factory.mktemp("mp_reference")
-    code, log, _ = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, script="tests/multiprocess_utils.py",
+    code, log, _ = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, module=HARNESS,
                        env={"GFOCALV2_TEST_RECORD": str(out)})
     assert code == 0, log[-4000:]
     return out, log
@@ -64,7 +62,7 @@ def test_processes_see_disjoint_halves_of_the_one_process_batches(reference, dat
     out, _ = reference
     ranks = [json.load(open(out / f"batches_rank{r}.json")) for r in (0, 1)]
     code, log, _ = run(["--num-gpus", "1", *run_opts(data, tmp_path, max_iter=3)], TIMEOUT,
-                       script="tests/multiprocess_utils.py", env={"GFOCALV2_TEST_RECORD": str(tmp_path)})
+                       module=HARNESS, env={"GFOCALV2_TEST_RECORD": str(tmp_path)})
     assert code == 0, log[-4000:]
     single = json.load(open(tmp_path / "batches_rank0.json"))
     for it in ("0", "1", "2"):
@@ -76,7 +74,7 @@ def test_processes_see_disjoint_halves_of_the_one_process_batches(reference, dat
 def test_one_step_on_two_processes_equals_one_process_on_all_images(tmp_path):
     """Frozen statistics (GroupNorm): gradients of 2 x 2 images (DDP averages them; num_pos and the
     box-loss weight sum are all-reduced) equal those of 1 x 4 images."""
-    code, log, _ = run(["-c", "import sys; sys.path.insert(0, 'tests'); import multiprocess_utils as m; "
+    code, log, _ = run(["-c", "import tests.utils.multiprocess as m; "
                         f"m.launch_workers(m.one_step_worker, 2, {str(tmp_path)!r}, 2)"], TIMEOUT, script=None)
     assert code == 0, log[-4000:]
     two = _state(tmp_path / "grads_rank0.pth")["grads"]
@@ -139,7 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(reference, data, tmp
 def test_non_finite_loss_on_one_process_stops_both_after_rank_0_saved(reference, data, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
-    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, script="tests/multiprocess_utils.py",
+    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, module=HARNESS,
                              env={"GFOCALV2_TEST_FAULT": "nan:1:3"})
     assert code != 0
     assert "Non-finite loss at iteration 3" in log
@@ -155,7 +153,7 @@ def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
     """An exception in rank 1 alone at the last iteration: rank 0, blocked in a collective, stops at
     once, saves the state after the previous iteration under its own number, and no evaluation starts."""
     out = tmp_path / "run"
-    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, script="tests/multiprocess_utils.py",
+    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, module=HARNESS,
                              env={"GFOCALV2_TEST_FAULT": "error:1:5"})
     assert code != 0
     assert "injected failure on rank 1 at iteration 5" in log
@@ -183,7 +181,7 @@ def test_evaluation_failing_in_one_process_during_training(data, tmp_path):
     once too, after the finished iteration's state is saved."""
     out = tmp_path / "run"
     code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out, extra=["TEST.EVAL_PERIOD", "3"])], TIMEOUT,
-                             script="tests/multiprocess_utils.py", env={"GFOCALV2_TEST_FAULT": "eval:1:2"})
+                             module=HARNESS, env={"GFOCALV2_TEST_FAULT": "eval:1:2"})
     assert code != 0
     assert "Stopped at iteration 2 because process 1 failed: RuntimeError: injected evaluation failure" in log
     assert open(out / "last_checkpoint").read().strip() == "model_0000002.pth"

@@ -12,8 +12,7 @@ from PIL import Image
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from helpers_workflow import DIGITS_PROJECT, REPO
-from reliability_utils import register, write_coco
+from tests.utils.workflow import DIGITS_PROJECT, REPO
 
 from gfocalv2.engine import build_cfg
 
@@ -170,13 +169,12 @@ def test_mapper_of_the_published_config_resizes_with_opencv(image_file, is_train
         )
 
 
-def test_test_loader_resizes_with_opencv(tmp_path):
+def test_test_loader_resizes_with_opencv(coco_dataset):
     from detectron2.data.detection_utils import read_image
 
     from gfocalv2.data import build_checked_test_loader
 
-    json_path, image_dir, _ = write_coco(tmp_path, sizes=[(64, 48)], boxes_per_image=1, seed=8)
-    name = register("parity_resize_test", json_path, image_dir)
+    name = coco_dataset("parity_resize_test", sizes=[(64, 48)], boxes_per_image=1, seed=8).name
     cfg = build_cfg(str(BASE), SMALL + ["DATALOADER.NUM_WORKERS", "0"])
     batch = next(iter(build_checked_test_loader(cfg, name)))
     rgb = read_image(batch[0]["file_name"], format="RGB")

@@ -16,8 +16,8 @@ from torchvision.ops import deform_conv2d
 
 from gfocalv2 import convert
 from gfocalv2.convert import ConversionError, convert_file, load_source
+from tests.utils.models import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 

@@ -14,7 +14,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
-from model_utils import gfocal_cfg
+from tests.utils.models import gfocal_cfg
 
 STRIDES = (8, 16, 32, 64, 128)
 DIV = 32

@@ -8,7 +8,7 @@ import torch
 from detectron2.modeling import build_model
 
 from gfocalv2.benchmark import Stopwatch, add_synthetic_logits, main as benchmark_main, split_backward
-from model_utils import gfocal_cfg, random_input, tiny_config_file
+from tests.utils.models import gfocal_cfg, random_input, tiny_config_file
 
 
 def run(tmp_path, capsys, *args):

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from helpers_workflow import DIGITS_CONFIG, make_tiny_dataset, tiny_opts
+from tests.utils.workflow import DIGITS_CONFIG, tiny_opts
 
-import train_net  # noqa: E402  (repo root on sys.path via helpers_workflow)
+import train_net  # the repository root is on the import path (pytest.ini)
 from gfocalv2.engine import build_cfg, register_coco_datasets, workflow_argument_parser
 
 
@@ -39,10 +39,10 @@ def _detections(output_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_digits, tmp_path_factory):
     """4 iterations (checkpoints at iterations 2 and 4) + evaluation, through train_net.main."""
     root = tmp_path_factory.mktemp("workflow")
-    data = make_tiny_dataset(root / "data")
+    data = tiny_digits
     out = root / "train"
     argv = ["--config-file", DIGITS_CONFIG] + _register_args(data) + tiny_opts(
         out, "cli_digits_train", "cli_digits_val", max_iter=4

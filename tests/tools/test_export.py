@@ -17,7 +17,7 @@ from gfocalv2.export import (
     main as export_main,
     pytorch_detections,
 )
-from model_utils import gfocal_cfg, tiny_config_file
+from tests.utils.models import gfocal_cfg, tiny_config_file
 
 H, W = 96, 128  # multiples of 32; test_padding_and_clipping_inside_graph covers other sizes
 COLORS = torch.tensor([[230.0, 40, 40], [40, 200, 40], [40, 60, 230]])

@@ -1,8 +1,8 @@
 """Helpers of the multi-process tests: the command of a tiny 2-process CPU run of train_net.py,
 a fault injector, and step functions run in each process by ``gfocalv2.engine.distributed.launch``.
 
-Run ``python tests/multiprocess_utils.py [train_net.py arguments]`` to train with a fault
-injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION``: that rank's training forward pass at that
+Run ``python -m tests.utils.multiprocess [train_net.py arguments]`` (:data:`HARNESS`, from the
+repository root) to train with a fault injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION``: that rank's training forward pass at that
 iteration returns NaN losses (KIND ``nan``) or raises (``error``), or its evaluation after that
 iteration raises (``eval``).
 """
@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [p for p in (REPO, os.path.join(REPO, "tests")) if p not in sys.path]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: ``python -m HARNESS [train_net.py arguments]``: train_net.main with the faults of this module.
+HARNESS = "tests.utils.multiprocess"
 
 DIGITS_CONFIG = os.path.join(REPO, "projects", "DigitScenes", "configs", "gfocalv2_R_18_digits.yaml")
 
@@ -34,13 +36,26 @@ def run_opts(data, out, max_iter=6, ims_per_batch=4, extra=()):
     ]
 
 
-def start(argv, script="train_net.py", env=None):
-    """Start ``python script argv`` (``python argv`` if ``script`` is None) in its own session, so
-    that a hang can be killed with its children."""
+def _env(env):
+    """The environment of a run: the repository root on PYTHONPATH (``tests.utils`` and
+    ``train_net`` importable, in the launched processes too), one OpenMP thread."""
+    from tests.utils.workflow import env_with_repo_on_pythonpath
+
+    return {**env_with_repo_on_pythonpath(), "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def start(argv, script="train_net.py", env=None, module=None):
+    """Start ``python -m module argv``, else ``python script argv`` (``python argv`` if ``script``
+    is None), in the repository root and in its own session, so that a hang can be killed with
+    its children."""
+    if module:
+        command = ["-m", module]
+    else:
+        command = [os.path.join(REPO, script)] if script else []
     return subprocess.Popen(
-        [sys.executable, *([os.path.join(REPO, script)] if script else []), *argv],
+        [sys.executable, *command, *argv],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env=_env(env),
     )
 
 
@@ -55,9 +70,9 @@ def finish(proc, timeout):
     return proc.returncode, out
 
 
-def run(argv, timeout, script="train_net.py", env=None):
+def run(argv, timeout, script="train_net.py", env=None, module=None):
     start_time = time.monotonic()
-    code, out = finish(start(argv, script, env), timeout)
+    code, out = finish(start(argv, script, env, module), timeout)
     return code, out, time.monotonic() - start_time
 
 
@@ -130,7 +145,7 @@ def one_step_worker(out_dir, images_per_process):
     from detectron2.utils import comm
 
     from gfocalv2.engine.distributed import create_ddp_model
-    from model_utils import gfocal_cfg, random_input
+    from tests.utils.models import gfocal_cfg, random_input
 
     torch.manual_seed(0)
     model = build_model(gfocal_cfg(tiny=True)).train()

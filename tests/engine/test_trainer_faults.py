@@ -1,14 +1,13 @@
 """Faults during training: non-finite loss, interruption + resume (bit-identical), data that
 disappears mid-run, crashes while saving checkpoints, and evaluation of a model that
-predicts nothing."""
-import itertools
+predicts nothing. (The training data order itself: tests/data/test_loader.py.)"""
 import os
 
 import pytest
 import torch
 from PIL import Image
 
-from reliability_utils import capture_logs, make_trainer, messages, register, tiny_cfg, write_coco
+from tests.utils.reliability import RANDOM_INPUT, VARIED_SIZES, capture_logs, make_trainer, messages, tiny_cfg
 
 from detectron2.engine import HookBase
 
@@ -16,17 +15,10 @@ from gfocalv2.data import DataLoadingError
 from gfocalv2.engine.checkpoint import atomic_torch_save, atomic_write_text
 from gfocalv2.engine.train_step import NonFiniteLossError
 
-SIZES = [(64, 64), (80, 48), (48, 80), (64, 64), (72, 56), (56, 72), (64, 48), (64, 64)]
-# multi-scale + flips + aspect-ratio grouping: every source of data randomness is exercised
-RANDOM_INPUT = ["INPUT.RANDOM_FLIP", "horizontal", "INPUT.MIN_SIZE_TRAIN", "(40, 48, 56, 64)",
-                "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
-
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    json_path, image_dir, _ = write_coco(root, sizes=SIZES)
-    return register("rel_train", json_path, image_dir)
+def dataset(coco_dataset):
+    return coco_dataset("rel_train", sizes=VARIED_SIZES).name
 
 
 class Record(HookBase):
@@ -100,25 +92,6 @@ def test_resume_after_interruption_is_bit_identical(dataset, tmp_path):
     )
 
 
-def test_data_order_depends_only_on_seed_and_iteration(dataset, tmp_path):
-    from gfocalv2.data import build_resumable_train_loader
-
-    cfg = _cfg(tmp_path, dataset, 8)
-    loader = build_resumable_train_loader(cfg)
-    it = iter(loader)
-    full = [[(d["file_name"], tuple(d["image"].shape), d["instances"].gt_boxes.tensor.sum().item()) for d in next(it)] for _ in range(6)]
-    loader.batch_sampler.set_start_iter(3)
-    it = iter(loader)
-    tail = [[(d["file_name"], tuple(d["image"].shape), d["instances"].gt_boxes.tensor.sum().item()) for d in next(it)] for _ in range(3)]
-    assert tail == full[3:]
-    sampler = loader.batch_sampler
-    sampler.set_start_iter(0)
-    batches = list(itertools.islice(iter(sampler), 20))
-    assert all(len({sampler.groups[i] for i, _ in batch}) == 1 for batch in batches)  # aspect-ratio grouping
-    positions = [pos for batch in batches for _, pos in batch]
-    assert len(set(positions)) == len(positions)  # each stream position is used once
-
-
 def test_non_finite_loss_stops_with_iteration_losses_images_and_last_good_checkpoint(dataset, tmp_path):
     out = tmp_path / "nan"
     trainer = make_trainer(_cfg(out, dataset, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
@@ -176,9 +149,8 @@ def test_divergence_stops_without_saving_non_finite_weights(dataset, tmp_path):
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_images_vanishing_mid_run_stop_with_a_checkpoint(tmp_path):
-    json_path, image_dir, _ = write_coco(tmp_path / "d", sizes=[(64, 64)] * 4)
-    name = register("rel_vanish", json_path, image_dir)
+def test_images_vanishing_mid_run_stop_with_a_checkpoint(coco_dataset, tmp_path):
+    name, _, image_dir, _ = coco_dataset("rel_vanish", sizes=[(64, 64)] * 4)
 
     class DeleteImages(HookBase):
         def after_step(self):
@@ -245,11 +217,10 @@ def test_resume_falls_back_when_the_last_checkpoint_is_truncated(dataset, tmp_pa
     assert "model_final.pth" in text and "resumed from" in text and "model_0000003.pth" in text
 
 
-def test_evaluating_a_model_that_predicts_nothing_gives_zeros(tmp_path):
+def test_evaluating_a_model_that_predicts_nothing_gives_zeros(coco_dataset, tmp_path):
     from gfocalv2.engine import Trainer
 
-    json_path, image_dir, _ = write_coco(tmp_path / "d", sizes=[(64, 64)] * 3)
-    name = register("rel_eval_nothing", json_path, image_dir)
+    name = coco_dataset("rel_eval_nothing", sizes=[(64, 64)] * 3).name
     cfg = tiny_cfg(tmp_path / "out", name, name, extra=["MODEL.GFOCAL.SCORE_THRESH_TEST", "1.0"])
     model = Trainer.build_model(cfg)
     with capture_logs() as logs:
@@ -273,8 +244,8 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
 
     from detectron2.data import MetadataCatalog
 
-    from reliability_utils import small_opts
-    from helpers_workflow import DIGITS_CONFIG, REPO
+    from tests.utils.reliability import small_opts
+    from tests.utils.workflow import DIGITS_CONFIG, REPO, env_with_repo_on_pythonpath
 
     meta = MetadataCatalog.get(dataset)
     def argv(out, extra=()):
@@ -285,7 +256,6 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
     runner = (
         "import sys, os, signal\n"
         "import gfocalv2\n"
-        "sys.path.insert(0, %r)\n"
         "import train_net\n"
         "from detectron2.engine import HookBase\n"
         "from gfocalv2.engine import Trainer\n"
@@ -297,10 +267,10 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
         "Trainer.build_hooks = lambda self: orig(self) + [Kill()]\n"
         "sys.argv = ['train_net.py'] + sys.argv[1:]\n"
         "train_net.invoke_main()\n"
-    ) % str(REPO)
+    )
     script = tmp_path / "run.py"
     script.write_text(runner)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(env_with_repo_on_pythonpath(), OMP_NUM_THREADS="1")  # the script in tmp_path imports train_net
 
     def run(out, kill_at=-1, extra=()):
         return subprocess.run([sys.executable, str(script), *[str(a) for a in argv(out, extra)]],
@@ -318,21 +288,19 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
                          _weights(tmp_path / "full" / "model_final.pth")["model"])
 
 
-def test_test_sets_are_checked_when_the_trainer_is_built(dataset, tmp_path):
+def test_test_sets_are_checked_when_the_trainer_is_built(dataset, coco_dataset, tmp_path):
     from gfocalv2.data import DatasetError
     from gfocalv2.engine import Trainer
 
-    json_path, image_dir, _ = write_coco(tmp_path / "val", sizes=[(64, 64)] * 3)
+    val, _, image_dir, _ = coco_dataset("rel_val_missing", sizes=[(64, 64)] * 3)
     os.remove(os.path.join(image_dir, "img_2.png"))
-    val = register("rel_val_missing", json_path, image_dir)
     cfg = tiny_cfg(tmp_path / "out", dataset, val)
     with pytest.raises(DatasetError, match=r"'rel_val_missing'.*used for evaluation: 1 of 3 images do not exist: .*img_2.png"):
         Trainer(cfg)
 
 
-def test_a_failing_evaluation_during_training_saves_the_finished_iteration(dataset, tmp_path):
-    json_path, image_dir, _ = write_coco(tmp_path / "val", sizes=[(64, 64)] * 2)
-    val = register("rel_val_vanish", json_path, image_dir)
+def test_a_failing_evaluation_during_training_saves_the_finished_iteration(dataset, coco_dataset, tmp_path):
+    val, _, image_dir, _ = coco_dataset("rel_val_vanish", sizes=[(64, 64)] * 2)
 
     class DeleteValImage(HookBase):
         def after_step(self):
@@ -351,18 +319,6 @@ def test_a_failing_evaluation_during_training_saves_the_finished_iteration(datas
         make_trainer(cfg, resume=True)
     Image.new("RGB", (64, 64)).save(os.path.join(image_dir, "img_1.png"))  # restored
     assert make_trainer(cfg, resume=True).start_iter == 3
-
-
-def test_data_order_does_not_depend_on_the_number_of_workers(dataset, tmp_path):
-    from gfocalv2.data import build_resumable_train_loader
-
-    def batches(workers):
-        cfg = _cfg(tmp_path, dataset, 8, extra=["DATALOADER.NUM_WORKERS", str(workers)])
-        it = iter(build_resumable_train_loader(cfg))
-        return [[(d["file_name"], d["image"].sum().item(), d["instances"].gt_boxes.tensor.sum().item()) for d in next(it)]
-                for _ in range(4)]
-
-    assert batches(0) == batches(2)
 
 
 def test_resume_from_a_checkpoint_without_optimizer_state(dataset, tmp_path):

@@ -1,19 +1,15 @@
 """Shared helpers of the workflow tests (train_net.py, demo, DigitScenes): a tiny generated
-dataset and a tiny, fast config."""
+dataset and a tiny, fast config. The repository root is on the import path (pytest's rootdir,
+``pythonpath`` in pytest.ini), so the DigitScenes example is imported as
+``projects.DigitScenes.digit_scenes``."""
 import os
-import sys
 from pathlib import Path
 
 import gfocalv2  # noqa: F401  (first, before any other detectron2 import)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS_PROJECT = REPO / "projects" / "DigitScenes"
 DIGITS_CONFIG = DIGITS_PROJECT / "configs" / "gfocalv2_R_18_digits.yaml"
-
-if str(DIGITS_PROJECT) not in sys.path:
-    sys.path.insert(0, str(DIGITS_PROJECT))
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 #: A tiny DigitScenes: 8 train + 4 val scenes of 64x64 pixels, 1-3 digits of 12-28 px each.
 TINY_PARAMS = {
@@ -27,9 +23,17 @@ TINY_PARAMS = {
 }
 
 
+def env_with_repo_on_pythonpath(env=None):
+    """A copy of ``env`` (default ``os.environ``) with the repository root first on PYTHONPATH:
+    for subprocesses that import ``tests.utils`` or ``train_net``, wherever their script is."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def make_tiny_dataset(root):
     """Generate the tiny dataset under ``root``; returns {split: (json_file, image_dir)}."""
-    from digit_scenes import prepare
+    from projects.DigitScenes.digit_scenes import prepare
 
     root = prepare(str(root), TINY_PARAMS)
     return {split: (os.path.join(root, f"{split}.json"), os.path.join(root, split)) for split in ("train", "val")}

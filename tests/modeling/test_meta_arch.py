@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Boxes
 
 from gfocalv2.modeling import GFocalV2
-from model_utils import gfocal_cfg, instances, random_input
+from tests.utils.models import gfocal_cfg, instances, random_input
 
 
 def test_registered():

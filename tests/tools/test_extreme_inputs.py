@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reliability_utils import DIGITS_CONFIG, tiny_opts
+from tests.utils.reliability import DIGITS_CONFIG, tiny_opts
 
 from gfocalv2.engine import build_cfg
 
@@ -72,7 +72,7 @@ def test_predictor_rejects_unusable_arrays_naming_the_shape(predictor, shape):
 def test_model_directly_on_tiny_and_thin_images(cfg):
     from detectron2.modeling import build_model
 
-    from model_utils import instances
+    from tests.utils.models import instances
 
     # FPN with 64 channels (DigitScenes' own): GroupNorm(32) over 32 channels cannot normalize a
     # 1x1 map (one value per group), a limit of that tiny test setting, not of the model.

@@ -17,7 +17,7 @@ from gfocalv2.modeling.inference_optimization import (
     resolve_memory_format,
 )
 
-from model_utils import gfocal_cfg
+from tests.utils.models import REPO, gfocal_cfg
 
 
 def _randomize_statistics(module, g):
@@ -170,8 +170,8 @@ def test_bad_memory_format_fails_when_the_config_is_built():
     from gfocalv2.engine import build_cfg
 
     with pytest.raises(ValueError, match="TEST.MEMORY_FORMAT must be one of .*'nhwc'"):
-        build_cfg("configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "nhwc"])
-    cfg = build_cfg("configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "contiguous"])
+        build_cfg(f"{REPO}/configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "nhwc"])
+    cfg = build_cfg(f"{REPO}/configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "contiguous"])
     assert cfg.TEST.MEMORY_FORMAT == "contiguous"
 
 

@@ -12,20 +12,21 @@ Formats:
   import ``gfocalv2`` first, which registers the graph's NMS operator). TorchScript is not
   offered: ``torch.jit`` is deprecated, and a traced graph is frozen at one input size.
 
-The graph (:class:`gfocalv2.modeling.deploy.DeployableGFocalV2`) takes two inputs: ``image``,
-a float32 ``(1, 3, H, W)`` tensor of raw pixel values in ``INPUT.FORMAT`` order, already
-resized as at test time (``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``), of any
-height and width; and ``score_threshold``, a float32 scalar (the config's
-``MODEL.GFOCAL.SCORE_THRESH_TEST`` is in the metadata). Normalization, padding to the
-backbone's size divisibility, anchors, the network, per-level top-k, decoding, clipping and
-class-wise NMS are inside. Outputs: ``boxes`` (D, 4) XYXY in the input's pixels, ``scores``
-(D,), ``classes`` (D,) int64, D <= ``DETECTIONS_PER_IMAGE``, by decreasing score.
+The graph (:class:`gfocalv2.modeling.deploy.DeployableGFocalV2`) takes two inputs:
+``image``, a float32 ``(1, 3, H, W)`` tensor of raw pixel values in ``INPUT.FORMAT`` order,
+already resized as at test time (``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``), of any
+height and width from the coarsest level's stride + 1 (129 with P7, 33 with P5) to 8192; and
+``score_threshold``, a float32 scalar (the config's ``MODEL.GFOCAL.SCORE_THRESH_TEST`` is in
+the metadata). Normalization, padding to the backbone's size divisibility, anchors, the
+network, per-level top-k, decoding, clipping and class-wise NMS are inside. Outputs:
+``boxes`` (D, 4) XYXY in the input's pixels, ``scores`` (D,), ``classes`` (D,) int64,
+D <= ``DETECTIONS_PER_IMAGE``, by decreasing score.
 
 The ONNX file's metadata (``metadata_props``) carries what a deployer needs:
 ``gfocalv2.class_names`` (JSON list), ``gfocalv2.input_format``, ``gfocalv2.min_size_test``,
 ``gfocalv2.max_size_test``, ``gfocalv2.resize_backend``, ``gfocalv2.score_threshold``,
-``gfocalv2.size_divisibility``, ``gfocalv2.architecture``, ``gfocalv2.version`` and
-``gfocalv2.config`` (the full config, YAML).
+``gfocalv2.size_divisibility``, ``gfocalv2.min_input_size``, ``gfocalv2.architecture``,
+``gfocalv2.version`` and ``gfocalv2.config`` (the full config, YAML).
 
 The check after export runs the exported graph and the PyTorch model (as loaded, without the
 inference rewrites) on the sample image at three sizes (as at test time, then portrait and
@@ -65,6 +66,7 @@ __all__ = [
     "pytorch_detections",
     "compare_detections",
     "check_sizes",
+    "min_input_size",
     "main",
 ]
 
@@ -72,16 +74,23 @@ logger = logging.getLogger("gfocalv2.export")
 
 INPUT_NAMES = ("image", "score_threshold")
 OUTPUT_NAMES = ("boxes", "scores", "classes")
-#: Heights and widths the exported graph accepts: the coarsest level (stride 32, padded input)
-#: then has at least 2 x 2 locations, which the exported shapes assume.
-MIN_SIZE, MAX_SIZE = 33, 8192
+#: The largest height and width the exported graph accepts; the smallest is the model's
+#: (:func:`min_input_size`).
+MAX_SIZE = 8192
 #: Candidates kept for the check when the model detects nothing at its own threshold.
 CHECK_CANDIDATES = 300
 
 
-def _dynamic_shapes():
-    height = torch.export.Dim("height", min=MIN_SIZE, max=MAX_SIZE)
-    width = torch.export.Dim("width", min=MIN_SIZE, max=MAX_SIZE)
+def min_input_size(model: nn.Module) -> int:
+    """The smallest height and width the exported graph of ``model`` takes: its coarsest level
+    (e.g. P7, stride 128) then has at least 2 locations per side. The exported shapes assume it
+    (torch.export specializes a size-1 dimension); a smaller input fails in the runtime."""
+    return int(max(model.anchor_generator.strides)) + 1
+
+
+def _dynamic_shapes(min_size: int):
+    height = torch.export.Dim("height", min=min_size, max=MAX_SIZE)
+    width = torch.export.Dim("width", min=min_size, max=MAX_SIZE)
     return {"image": {2: height, 3: width}, "score_threshold": None}
 
 
@@ -102,9 +111,9 @@ def _nms_to_onnx(boxes, scores, score_threshold, iou_threshold: float, max_per_c
     )
 
 
-def export_metadata(cfg, class_names: Sequence[str], size_divisibility: int) -> dict:
+def export_metadata(cfg, class_names: Sequence[str], model: nn.Module) -> dict:
     """The ``gfocalv2.*`` metadata of an exported model (see the module doc), as strings."""
-    from . import __version__
+    import gfocalv2
 
     g = cfg.MODEL.GFOCAL
     return {
@@ -114,9 +123,10 @@ def export_metadata(cfg, class_names: Sequence[str], size_divisibility: int) -> 
         "gfocalv2.max_size_test": str(cfg.INPUT.MAX_SIZE_TEST),
         "gfocalv2.resize_backend": cfg.INPUT.RESIZE_BACKEND,
         "gfocalv2.score_threshold": repr(float(g.SCORE_THRESH_TEST)),
-        "gfocalv2.size_divisibility": str(size_divisibility),
+        "gfocalv2.size_divisibility": str(model.backbone.size_divisibility),
+        "gfocalv2.min_input_size": str(min_input_size(model)),
         "gfocalv2.architecture": "GFocalV2" if g.DGQP_ENABLED else "GFL",
-        "gfocalv2.version": __version__,
+        "gfocalv2.version": gfocalv2.__version__,
         "gfocalv2.config": cfg.dump(),
     }
 
@@ -133,7 +143,7 @@ def export_onnx(model: nn.Module, image: Tensor, path: str, metadata: Optional[d
             deployable,
             _example_inputs(deployable, image),
             dynamo=True,
-            dynamic_shapes=_dynamic_shapes(),
+            dynamic_shapes=_dynamic_shapes(min_input_size(model)),
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
             custom_translation_table={torch.ops.gfocalv2.class_wise_nms.default: _nms_to_onnx},
@@ -152,7 +162,9 @@ def export_program(model: nn.Module, image: Tensor, path: str) -> str:
     deployable = DeployableGFocalV2(model)
     with torch.no_grad():
         program = torch.export.export(
-            deployable, _example_inputs(deployable, image), dynamic_shapes=_dynamic_shapes()
+            deployable,
+            _example_inputs(deployable, image),
+            dynamic_shapes=_dynamic_shapes(min_input_size(model)),
         )
     torch.export.save(program, path)
     return path
@@ -262,11 +274,20 @@ def compare_detections(
     return None
 
 
-def check_sizes(height: int, width: int) -> List[Tuple[int, int]]:
-    """The sample's size, then a portrait and a landscape size that are not multiples of 32."""
+def check_sizes(height: int, width: int, min_size: int = 2) -> List[Tuple[int, int]]:
+    """The sample's size, then a portrait and a landscape size that are not multiples of 32
+    (odd), none below ``min_size``."""
     short, long = sorted((height, width))
-    portrait = (max(long * 9 // 10, 2) | 1, max(short * 7 // 10, 2) | 1)
-    landscape = (max(short * 3 // 5, 2) | 1, max(long * 4 // 5, 2) | 1)
+
+    def odd(v):
+        return max(v, min_size) | 1
+
+    portrait = (odd(long * 9 // 10), odd(short * 7 // 10))
+    landscape = (odd(short * 3 // 5), odd(long * 4 // 5))
+    if portrait[0] <= portrait[1]:  # a square sample at the minimum size
+        portrait = (portrait[1] + 2, portrait[1])
+    if landscape[1] <= landscape[0]:
+        landscape = (landscape[0], landscape[0] + 2)
     return [(height, width), portrait, landscape]
 
 
@@ -416,7 +437,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.output, f"model.{args.format}")
     start = time.perf_counter()
     if args.format == "onnx":
-        metadata = export_metadata(cfg, class_names_for(cfg), model.backbone.size_divisibility)
+        metadata = export_metadata(cfg, class_names_for(cfg), model)
         export_onnx(model, image, path, metadata)
     else:
         export_program(model, image, path)
@@ -424,12 +445,13 @@ def main(argv=None) -> int:
         "wrote %s (%.1f MB) in %.0f s: input (1, 3, H, W) raw %s image of any size, H and W in "
         "[%d, %d]",
         path, os.path.getsize(path) / 1e6, time.perf_counter() - start, cfg.INPUT.FORMAT,
-        MIN_SIZE, MAX_SIZE,
+        min_input_size(model), MAX_SIZE,
     )  # fmt: skip
 
     runner = load_runner(path)
     name = os.path.basename(args.sample_image) if args.sample_image else "random sample"
-    images = [(name, _resized(image, size)) for size in check_sizes(*image.shape[2:])]
+    sizes = check_sizes(*image.shape[2:], min_input_size(model))
+    images = [(name, _resized(image, size)) for size in sizes]
     images += [(p, load_image(p, cfg)) for p in args.check_images]
     failures = _check(reference, runner, images, args)
     return 1 if failures else 0

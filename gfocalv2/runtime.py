@@ -35,9 +35,8 @@ REQUIRED_METADATA = (
     "gfocalv2.max_size_test",
     "gfocalv2.resize_backend",
     "gfocalv2.score_threshold",
+    "gfocalv2.min_input_size",
 )
-#: The smallest height and width the exported graph takes (see gfocalv2.export).
-MIN_INPUT_SIZE = 33
 
 
 class RuntimeInputError(ValueError):
@@ -121,6 +120,7 @@ class OnnxPredictor:
         self.min_size_test = int(meta["gfocalv2.min_size_test"])
         self.max_size_test = int(meta["gfocalv2.max_size_test"])
         self.resize_backend = meta["gfocalv2.resize_backend"]
+        self.min_input_size = int(meta["gfocalv2.min_input_size"])
         self.score_threshold = float(
             meta["gfocalv2.score_threshold"] if score_threshold is None else score_threshold
         )
@@ -144,11 +144,11 @@ class OnnxPredictor:
         self._check_image(image)
         height, width = image.shape[:2]
         new_h, new_w = resized_shape(height, width, self.min_size_test, self.max_size_test)
-        if min(new_h, new_w) < MIN_INPUT_SIZE:
+        if min(new_h, new_w) < self.min_input_size:
             raise RuntimeInputError(
                 f"the image ({height}x{width}) is resized to {new_h}x{new_w}, below the "
-                f"{MIN_INPUT_SIZE} pixels per side the exported graph takes: its aspect ratio is "
-                "too extreme for MIN_SIZE_TEST/MAX_SIZE_TEST; crop or pad it"
+                f"{self.min_input_size} pixels per side the exported graph takes: its aspect "
+                "ratio is too extreme for MIN_SIZE_TEST/MAX_SIZE_TEST; crop or pad it"
             )
         resized = _resize(np.ascontiguousarray(image), new_h, new_w, self.resize_backend)
         feeds = {

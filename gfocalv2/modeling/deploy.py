@@ -142,12 +142,20 @@ class DeployableGFocalV2(nn.Module):
                 permute_to_N_HWA_K(cls, num_classes)[0],
                 None if quality is None else permute_to_N_HWA_K(quality, 1)[0],
             )  # (A_l, C)
-            k = torch.sym_min(model.test_topk_candidates, score.shape[0])
-            top = score.amax(dim=1).topk(k).indices
+            # The top-k of the level's locations by best class score, k = min(TOPK, A_l). So
+            # that k is the same for every input size (an exported graph must not depend on
+            # which of the two is smaller), the ranking gets TOPK placeholders that rank below
+            # every location (scores are >= 0) and stand for "no candidate": score -1.
+            k = model.test_topk_candidates
+            rank = score.amax(dim=1)
+            rank = torch.cat([rank, rank.new_full((k,), -2.0)])
+            top = rank.topk(k).indices
+            is_location = top < score.shape[0]
+            top = top.clamp(max=score.shape[0] - 1)
             box = permute_to_N_HWA_K(box, bins)[0][top]
             distance = distribution_to_distance(box, model.reg_max) * stride
             cand_boxes.append(distance_to_box(center[top], distance))
-            cand_scores.append(score[top])
+            cand_scores.append(torch.where(is_location[:, None], score[top], -1.0))
         boxes = torch.cat(cand_boxes)  # (K, 4)
         scores = torch.cat(cand_scores)  # (K, C)
 

@@ -1,36 +1,43 @@
-"""Exported inference graphs (TorchScript trace, ONNX run by onnxruntime) give the PyTorch
-model's detections: same boxes, scores and classes within tolerance, on scene-like images."""
+"""Exported inference graphs (ONNX run by onnxruntime, torch.export programs) give the PyTorch
+model's detections at any input size: same boxes, scores and classes within tolerance, on
+scene-like images of sizes that are and are not multiples of 32, portrait and landscape."""
+
 import os
 
 import numpy as np
+import onnx
 import pytest
 import torch
-
 from detectron2.modeling import build_model
 
 from gfocalv2.export import (
-    ExportableDetector,
+    check_sizes,
     compare_detections,
     export_onnx,
-    export_torchscript,
+    export_program,
     load_runner,
-    main as export_main,
     pytorch_detections,
 )
+from gfocalv2.export import main as export_main
+from gfocalv2.modeling.deploy import DeployableGFocalV2, class_wise_nms
 from tests.utils.models import gfocal_cfg, tiny_config_file
 
-H, W = 96, 128  # multiples of 32; test_padding_and_clipping_inside_graph covers other sizes
 COLORS = torch.tensor([[230.0, 40, 40], [40, 200, 40], [40, 60, 230]])
+# a multiple of 32, then portrait and landscape sizes that are not (the tiny model reads P3-P7:
+# at least 129 pixels per side)
+SIZES = [(160, 192), (205, 139), (131, 263)]
 
 
-def scene(seed, h=H, w=W, n=4):
+def scene(seed, h=160, w=192, n=4):
     """Coloured rectangles on a noisy dark background, (1, 3, h, w) in [0, 255]."""
     g = torch.Generator().manual_seed(seed)
     image = torch.full((3, h, w), 20.0) + torch.rand(3, h, w, generator=g) * 30
     for _ in range(n):
-        bh, bw = (int(v) for v in torch.randint(12, 40, (2,), generator=g))
-        y, x = int(torch.randint(0, h - bh, (1,), generator=g)), int(torch.randint(0, w - bw, (1,), generator=g))
-        image[:, y : y + bh, x : x + bw] = COLORS[int(torch.randint(0, 3, (1,), generator=g))][:, None, None]
+        bh, bw = (int(v) for v in torch.randint(12, min(40, h - 1, w - 1), (2,), generator=g))
+        y = int(torch.randint(0, h - bh, (1,), generator=g))
+        x = int(torch.randint(0, w - bw, (1,), generator=g))
+        color = COLORS[int(torch.randint(0, 3, (1,), generator=g))]
+        image[:, y : y + bh, x : x + bw] = color[:, None, None]
     return image[None]
 
 
@@ -38,7 +45,8 @@ def varied_model(*opts):
     """A tiny GFLV2 whose scores and boxes vary from location to location and class to
     class (like a trained model's, unlike a fresh one's), with a few dozen detections."""
     torch.manual_seed(0)
-    model = build_model(gfocal_cfg("MODEL.PIXEL_STD", [50.0, 50.0, 50.0], *opts, tiny=True)).eval()
+    cfg = gfocal_cfg("MODEL.PIXEL_STD", [50.0, 50.0, 50.0], *opts, tiny=True)
+    model = build_model(cfg).eval()
     with torch.no_grad():
         model.head.cls_score.weight.normal_(0.0, 0.05)
         model.head.cls_score.bias.fill_(-1.5)
@@ -52,107 +60,162 @@ def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     sample = scene(0)
     files = {
-        "torchscript": export_torchscript(model, sample, str(out / "model.ts")),
-        "onnx": export_onnx(model, sample, str(out / "model.onnx")),
+        "onnx": export_onnx(model, sample, str(out / "model.onnx"), {"gfocalv2.test": "yes"}),
+        "pt2": export_program(model, sample, str(out / "model.pt2")),
     }
     return model, files
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_exported_graph_matches_pytorch(exported, fmt):
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_exported_graph_matches_pytorch_at_any_size(exported, fmt):
     model, files = exported
     run = load_runner(files[fmt])
     counts = []
-    for seed in (0, 1, 2):  # the trace image and two unseen ones
-        image = scene(seed)
-        boxes, scores, classes = expected = pytorch_detections(model, image)
-        got_boxes, got_scores, got_classes = got = run(image)
-        counts.append(len(boxes))
-        assert compare_detections(expected, got) is None, (fmt, seed, compare_detections(expected, got))
-        torch.testing.assert_close(got_boxes, boxes, atol=1e-2, rtol=1e-4)
-        torch.testing.assert_close(got_scores, scores, atol=1e-5, rtol=1e-4)
-        assert torch.equal(got_classes.long(), classes.long())
-        assert got_boxes.dtype == torch.float32 and got_classes.dtype == torch.int64
-    # There is something to compare: detections of several classes, NMS has work to do.
-    assert min(counts) >= 10 and max(counts) <= 100
+    for seed, (h, w) in enumerate(SIZES):
+        image = scene(seed + 1, h, w)
+        expected = pytorch_detections(model, image)
+        got = run(image, model.test_score_thresh)
+        counts.append(len(expected[0]))
+        assert compare_detections(expected, got) is None, (
+            fmt,
+            (h, w),
+            compare_detections(expected, got),
+        )
+    assert min(counts) >= 10, counts  # real detections were compared
 
 
-def test_onnx_graph_contains_nms(exported):
-    import onnx
+def test_score_threshold_is_an_input(exported):
+    model, files = exported
+    run = load_runner(files["onnx"])
+    image = scene(4, 150, 170)
+    low = run(image, 0.01)
+    high = run(image, 0.3)
+    assert len(high[0]) < len(low[0])
+    assert compare_detections(pytorch_detections(model, image, 0.3), high) is None
+    assert float(high[1].min()) > 0.3
 
-    def op_types(graph):  # including the branches of If nodes (NMS of a non-empty input)
-        ops = set()
-        for node in graph.node:
-            ops.add(node.op_type)
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    ops |= op_types(sub)
-        return ops
 
+def test_onnx_graph_has_dynamic_size_per_class_nms_and_metadata(exported):
     _, files = exported
-    assert {"NonMaxSuppression", "TopK", "NonZero"} <= op_types(onnx.load(files["onnx"]).graph)
+    proto = onnx.load(files["onnx"])
+    image = proto.graph.input[0]
+    dims = image.type.tensor_type.shape.dim
+    assert image.name == "image" and dims[0].dim_value == 1 and dims[1].dim_value == 3
+    assert dims[2].dim_param and dims[3].dim_param  # symbolic height and width
+    assert [i.name for i in proto.graph.input] == ["image", "score_threshold"]
+    ops = {n.op_type for n in proto.graph.node}
+    for f in proto.functions:
+        ops |= {n.op_type for n in f.node}
+    assert "NonMaxSuppression" in ops
+    assert {p.key: p.value for p in proto.metadata_props}["gfocalv2.test"] == "yes"
 
 
-def test_padding_and_clipping_inside_graph(tmp_path):
-    """An input whose size is not a multiple of 32: the graph pads like ImageList and clips
-    to the unpadded size, as the PyTorch model does."""
-    model = varied_model()
-    image = scene(3, h=90, w=117)
+def test_class_wise_nms_matches_a_direct_computation():
+    """Per class: candidates above the threshold, greedy by score, IoU > 0.5 suppressed, at most
+    2 kept per class; computed here with a plain loop."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(30, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 10 + torch.rand(30, 2, generator=g) * 20], 1)
+    scores = torch.rand(3, 30, generator=g)
+    got = class_wise_nms(boxes, scores, torch.tensor(0.3), 0.5, 2)
+
+    def iou(a, b):
+        lt, rb = torch.maximum(a[:2], b[:2]), torch.minimum(a[2:], b[2:])
+        inter = (rb - lt).clamp(min=0).prod()
+        return inter / ((a[2:] - a[:2]).prod() + (b[2:] - b[:2]).prod() - inter)
+
+    rows = []
+    for c in range(3):
+        order = [int(i) for i in scores[c].argsort(descending=True) if scores[c, i] > 0.3]
+        kept = []
+        for i in order:
+            if all(iou(boxes[i], boxes[j]) <= 0.5 for j in kept):
+                kept.append(i)
+        rows += [[0, c, i] for i in kept[:2]]
+    assert got.tolist() == rows
+
+
+def test_gflv1_and_random_weights(tmp_path):
+    """GFLV1 (no DGQP) exports too; a fresh model detects nothing above 0.05 and the graph
+    returns empty (0, 4) / (0,) outputs, not an error."""
+    torch.manual_seed(0)
+    cfg = gfocal_cfg("MODEL.GFOCAL.DGQP_ENABLED", False, tiny=True)
+    model = build_model(cfg).eval()
+    image = scene(3)
     run = load_runner(export_onnx(model, image, str(tmp_path / "m.onnx")))
-    expected, got = pytorch_detections(model, image), run(image)
-    assert len(expected[0]) > 0 and compare_detections(expected, got) is None
-    assert got[0][:, 2].max() <= 117 and got[0][:, 3].max() <= 90
+    boxes, scores, classes = run(image, 0.05)
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.shape == (0,)
+    low = pytorch_detections(model, image, 0.004)
+    assert len(low[0]) > 0 and compare_detections(low, run(image, 0.004)) is None
 
 
-def test_gflv1_without_detections(tmp_path):
-    """GFLV1 (no DGQP); nothing above the score threshold: empty, well-shaped outputs."""
-    model = varied_model("MODEL.GFOCAL.DGQP_ENABLED", False)
-    with torch.no_grad():
-        model.head.cls_score.bias.fill_(-20.0)
-    image = scene(4)
-    for path in (export_onnx(model, image, str(tmp_path / "m.onnx")), export_torchscript(model, image, str(tmp_path / "m.ts"))):
-        boxes, scores, classes = load_runner(path)(image)
-        assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.shape == (0,)
-
-
-def test_wrapper_is_the_model(exported):
-    """Untraced, the export wrapper returns exactly the model's own inference."""
+def test_deployable_graph_is_the_model(exported):
     model, _ = exported
-    image = scene(5)
-    with torch.no_grad():
-        got = ExportableDetector(model)(image)
-    assert compare_detections(pytorch_detections(model, image), got, box_atol=0.0, score_atol=0.0) is None
+    for h, w in SIZES:
+        image = scene(7, h, w)
+        with torch.no_grad():
+            got = DeployableGFocalV2(model)(image)
+        expected = pytorch_detections(model, image)
+        assert compare_detections(expected, got, box_atol=1e-4, score_atol=1e-6) is None
 
 
 def test_compare_detections_reports_differences():
     boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20]])
-    scores, classes = torch.tensor([0.9, 0.5]), torch.tensor([0, 1])
-    assert compare_detections((boxes, scores, classes), (boxes + 0.01, scores, classes)) is None
-    assert "boxes" in compare_detections((boxes, scores, classes), (boxes + 1.0, scores, classes))
-    assert "scores" in compare_detections((boxes, scores, classes), (boxes, scores + 0.01, classes))
-    assert "classes" in compare_detections((boxes, scores, classes), (boxes, scores, classes.flip(0)))
-    assert "detections" in compare_detections((boxes, scores, classes), (boxes[:1], scores[:1], classes[:1]))
+    scores, classes = torch.tensor([0.9, 0.8]), torch.tensor([1, 2])
+    same = (boxes, scores, classes)
+    assert compare_detections(same, (boxes + 0.01, scores, classes)) is None
+    swapped = (boxes.flip(0), scores.flip(0), classes.flip(0))
+    assert compare_detections(same, swapped) is None  # matched, not compared in order
+    assert "px" in compare_detections(same, (boxes + 1.0, scores, classes))
+    assert "score" in compare_detections(same, (boxes, scores + 0.01, classes))
+    assert "class" in compare_detections(same, (boxes, scores, torch.tensor([1, 1])))
+    assert "detections" in compare_detections(same, (boxes[:1], scores[:1], classes[:1]))
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_command_line_with_sample_image(tmp_path, fmt, caplog):
+def test_check_sizes_are_not_multiples_of_32_and_change_orientation():
+    for h, w, min_size in [(800, 1216, 129), (160, 160, 33), (160, 160, 129), (64, 96, 33)]:
+        sizes = check_sizes(h, w, min_size)
+        assert sizes[0] == (h, w)
+        (ph, pw), (lh, lw) = sizes[1:]
+        assert ph > pw and lw > lh, sizes
+        assert all(s % 32 and s >= min_size for s in (ph, pw, lh, lw)), sizes
+
+
+def test_command_line_writes_metadata_and_checks_real_detections(tmp_path, caplog):
+    """Random weights: the check lowers the threshold to compare real detections, and says so."""
     from PIL import Image
 
-    image = scene(6, h=120, w=200)[0].permute(1, 2, 0).numpy().astype(np.uint8)
+    image = scene(6, h=150, w=250)[0].permute(1, 2, 0).numpy().astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "sample.png")
     torch.manual_seed(0)
-    weights = build_model(gfocal_cfg(tiny=True)).state_dict()
-    torch.save({"model": weights}, tmp_path / "w.pth")
+    torch.save({"model": build_model(gfocal_cfg(tiny=True)).state_dict()}, tmp_path / "w.pth")
     argv = [
-        "--config-file", tiny_config_file(tmp_path, "INPUT: {MIN_SIZE_TEST: 96, MAX_SIZE_TEST: 160}\n"),
-        "--format", fmt,
+        "--config-file",
+        tiny_config_file(tmp_path, "INPUT: {MIN_SIZE_TEST: 160, MAX_SIZE_TEST: 240}\n"),
         "--output", str(tmp_path / "out"),
         "--sample-image", str(tmp_path / "sample.png"),
         "--opts", "MODEL.WEIGHTS", str(tmp_path / "w.pth"),
-    ]
+    ]  # fmt: skip
     with caplog.at_level("INFO", logger="gfocalv2.export"):
         assert export_main(argv) == 0
-    name = "model.onnx" if fmt == "onnx" else "model.ts"
-    assert os.path.isfile(tmp_path / "out" / name)
-    # Resized as at test time (shorter side 96, longer side at most 160): 96 x 160.
-    assert "1x3x96x160" in caplog.text and "OK" in caplog.text
+    path = tmp_path / "out" / "model.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["gfocalv2.input_format"] == "RGB" and meta["gfocalv2.min_size_test"] == "160"
+    assert meta["gfocalv2.max_size_test"] == "240" and meta["gfocalv2.score_threshold"] == "0.05"
+    assert meta["gfocalv2.min_input_size"] == "129"  # P7: stride 128
+    assert len(eval(meta["gfocalv2.class_names"])) == 3 and "GFOCAL" in meta["gfocalv2.config"]
+    # resized as at test time (shorter side 160, longer at most 240): 150x250 -> 144x240
+    assert "144x240" in caplog.text and caplog.text.count("OK") == 3
+    assert "compared at" in caplog.text  # the lowered threshold is reported
+    assert "MISMATCH" not in caplog.text
+
+
+def test_command_line_names_a_missing_weight_file(tmp_path):
+    argv = [
+        "--config-file", tiny_config_file(tmp_path),
+        "--output", str(tmp_path / "out"),
+        "--opts", "MODEL.WEIGHTS", str(tmp_path / "missing.pth"),
+    ]  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        export_main(argv)
+    assert not os.path.exists(tmp_path / "out" / "model.onnx")

@@ -122,8 +122,10 @@ def test_numpy_aliases_only_those_missing_and_used(tmp_path):
 def test_without_compiled_ops_standin_and_pycocotools(tmp_path):
     seen = run_apply(make_detectron2(tmp_path, compiled=False), before=HAVE_PKG_RESOURCES)
     assert seen["compiled"] is False and seen["standin"]
-    assert seen["patches"] == ["detectron2._C stand-in", "COCOeval_opt -> pycocotools COCOeval"]
-    assert seen["coco_eval"] == "pycocotools.cocoeval"
+    assert seen["patches"] == [
+        "detectron2._C stand-in", "COCOeval_opt -> faster-coco-eval COCOeval_faster",
+    ]
+    assert seen["coco_eval"] == "compat"  # its faster-coco-eval class (compat.py runs as "compat")
 
 
 def test_registry_detectron2_v06_gets_every_fix_it_needs(tmp_path):
@@ -134,7 +136,7 @@ def test_registry_detectron2_v06_gets_every_fix_it_needs(tmp_path):
     seen = run_apply(tree, before=before)
     assert seen["patches"] == [
         "PIL.Image.LINEAR", "numpy.int", "pkg_resources.resource_filename",
-        "detectron2._C stand-in", "COCOeval_opt -> pycocotools COCOeval",
+        "detectron2._C stand-in", "COCOeval_opt -> faster-coco-eval COCOeval_faster",
     ]
 
 
@@ -190,10 +192,10 @@ def test_the_installed_detectron2_is_handled_as_what_it_is():
 
         assert hasattr(detectron2._C, "COCOevalAccumulate")
     else:
+        from faster_coco_eval import COCOeval_faster
         from gfocalv2.compat import CompiledOpsUnavailable
-        from pycocotools.cocoeval import COCOeval
 
         assert COMPAT_STATE["compiled_ops"] is False
-        assert coco_evaluation.COCOeval_opt is COCOeval
+        assert issubclass(coco_evaluation.COCOeval_opt, COCOeval_faster)
         with pytest.raises(CompiledOpsUnavailable, match="COCOevalAccumulate.*build Detectron2"):
             sys.modules["detectron2._C"].COCOevalAccumulate

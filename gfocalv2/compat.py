@@ -66,7 +66,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What :func:`apply` did; tests and reports read it.
-COMPAT_STATE = {"applied": False, "compiled_ops": None, "patches": []}
+COMPAT_STATE = {"applied": False, "applying": False, "compiled_ops": None, "patches": []}
 
 #: NumPy aliases removed in NumPy 1.24 (builtins they aliased); Detectron2 v0.6 uses some of them.
 _NUMPY_ALIASES = {
@@ -341,8 +341,16 @@ def _quiet_comm_typed_storage():
 
 def apply():
     """Make Detectron2 importable and usable here; idempotent. Returns COMPAT_STATE."""
-    if COMPAT_STATE["applied"]:
-        return COMPAT_STATE
+    if COMPAT_STATE["applied"] or COMPAT_STATE["applying"]:  # done, or being done (re-entered
+        return COMPAT_STATE  # through the first import of Detectron2: see gfocalv2/__init__.py)
+    COMPAT_STATE["applying"] = True
+    try:
+        return _apply()
+    finally:
+        COMPAT_STATE["applying"] = False
+
+
+def _apply():
     try:
         import detectron2  # noqa: F401
     except ImportError as e:

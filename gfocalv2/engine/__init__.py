@@ -2,17 +2,14 @@
 ``python -m gfocalv2.<tool>`` and the example projects: the config of a run, the
 ``Trainer``, several processes, checkpoints, evaluation, prediction.
 
-Import :mod:`gfocalv2` (which this package does) before any other ``detectron2`` module.
+Importing it imports :mod:`gfocalv2` first, which sets Detectron2 up for this project when
+Detectron2 is first imported (see ``gfocalv2/__init__.py``).
 """
 
-from .. import compat as _compat
-
-_compat.apply()
-
-from ..data.datasets import check_datasets_registered, get_thing_classes, register_coco_datasets  # noqa: E402
-from .arguments import workflow_argument_parser  # noqa: E402
-from .config_setup import build_cfg, setup_cfg  # noqa: E402
-from .trainer import Trainer  # noqa: E402
+from ..data.datasets import check_datasets_registered, get_thing_classes, register_coco_datasets
+from .arguments import workflow_argument_parser
+from .config_setup import build_cfg, setup_cfg
+from .trainer import Trainer
 
 __all__ = [
     "Trainer",

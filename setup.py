@@ -40,9 +40,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "export": ["onnx", "onnxruntime"],
+        "export": ["onnx", "onnxruntime", "onnxscript"],
         "demo": ["scikit-learn"],
-        "test": ["pytest", "scikit-learn", "onnx", "onnxruntime"],
+        "test": ["pytest", "scikit-learn", "onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={
         "console_scripts": [

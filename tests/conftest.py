@@ -3,6 +3,7 @@ and the fixtures many tests use (a tiny generated DigitScenes, tiny registered C
 
 ``tests`` is a package: helpers are imported as ``from tests.utils.models import ...``, with
 the repository root on the import path (``pythonpath = .`` in pytest.ini)."""
+
 import os
 from typing import NamedTuple
 

@@ -5,6 +5,7 @@ skipped elsewhere. ``GFOCALV2_TEST_DEVICE=cpu`` runs them with the CPU standing 
 accelerator, which checks the tests themselves (every comparison then holds trivially).
 TF32 is switched off for the comparisons: float32 on both sides.
 """
+
 import copy
 import os
 
@@ -63,7 +64,9 @@ def test_deformable_conv_forward_and_backward_match_cpu(modulated):
     results = {}
     for device in ("cpu", DEVICE):
         c = copy.deepcopy(conv).to(device)
-        inputs = [t.to(device).requires_grad_() for t in (x, offset) + ((mask,) if modulated else ())]
+        inputs = [
+            t.to(device).requires_grad_() for t in (x, offset) + ((mask,) if modulated else ())
+        ]
         out = c(*inputs)
         out.backward(grad_out.to(device))
         results[device] = [out] + [t.grad for t in inputs] + [c.weight.grad]
@@ -80,7 +83,9 @@ def test_atss_assignment_matches_cpu():
     boxes = torch.cat([xy, xy + wh], -1)
     valid = torch.rand(2, 12, generator=g) > 0.2
     cpu = atss_assign(anchors, [len(lvl) for lvl in levels], boxes, valid)
-    acc = atss_assign(anchors.to(DEVICE), [len(lvl) for lvl in levels], boxes.to(DEVICE), valid.to(DEVICE))
+    acc = atss_assign(
+        anchors.to(DEVICE), [len(lvl) for lvl in levels], boxes.to(DEVICE), valid.to(DEVICE)
+    )
     assert cpu[1].any()
     for a, b in zip(acc, cpu):
         assert torch.equal(a.cpu(), b)
@@ -91,12 +96,18 @@ def test_training_step_matches_cpu(dgqp):
     g = torch.Generator().manual_seed(2)
     cpu_model = build_model(gfocal_cfg("MODEL.GFOCAL.DGQP_ENABLED", dgqp, tiny=True)).train()
     acc_model = copy.deepcopy(cpu_model).to(DEVICE)
-    batch = [random_input(g, 96, 128, 5, 3), random_input(g, 64, 96, 0, 3)]  # one image without boxes
+    batch = [
+        random_input(g, 96, 128, 5, 3),
+        random_input(g, 64, 96, 0, 3),
+    ]  # one image without boxes
     grads = {}
     for model, device in ((cpu_model, "cpu"), (acc_model, DEVICE)):
         losses = model(to_device(batch, device))
         sum(losses.values()).backward()
-        grads[device] = (losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        grads[device] = (
+            losses,
+            {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        )
     (cpu_losses, cpu_grads), (acc_losses, acc_grads) = grads["cpu"], grads[DEVICE]
     assert set(acc_losses) == set(cpu_losses) == {"loss_qfl", "loss_giou", "loss_dfl"}
     for name in cpu_losses:
@@ -175,7 +186,9 @@ def test_trainer_with_solver_amp(tiny_digits, tmp_path):
     from gfocalv2.engine import Trainer, build_cfg, register_coco_datasets
 
     data = tiny_digits
-    register_coco_datasets([["acc_train", *map(str, data["train"])], ["acc_val", *map(str, data["val"])]])
+    register_coco_datasets(
+        [["acc_train", *map(str, data["train"])], ["acc_val", *map(str, data["val"])]]
+    )
     opts = tiny_opts(tmp_path / "out", "acc_train", "acc_val", max_iter=3)
     opts += ["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", DEVICE]
     cfg = build_cfg(DIGITS_CONFIG, [str(o) for o in opts])

@@ -1,5 +1,6 @@
 """The package's import direction (docs/architecture.md): tools -> engine -> data | modeling ->
 config | compat, read from the source of every module (no import is executed)."""
+
 import ast
 import pathlib
 
@@ -34,7 +35,8 @@ def _layer(part):
 
 
 def _imported_parts(module_path):
-    """The top-level parts of ``gfocalv2`` that a file imports (``None`` for ``import gfocalv2``)."""
+    """The top-level parts of ``gfocalv2`` that a file imports (``None`` for
+    ``import gfocalv2``)."""
     tree = ast.parse(module_path.read_text(), str(module_path))
     package = module_path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
     parts = set()
@@ -76,8 +78,8 @@ def test_imports_go_from_higher_layers_to_lower_ones(path):
         if imported == part:
             continue
         assert _layer(imported) < _layer(part), (
-            f"gfocalv2/{path.relative_to(PACKAGE)} ({part}, layer {_layer(part)}) imports {imported} "
-            f"(layer {_layer(imported)})"
+            f"gfocalv2/{path.relative_to(PACKAGE)} ({part}, layer {_layer(part)}) "
+            f"imports {imported} (layer {_layer(imported)})"
         )
 
 
@@ -107,13 +109,26 @@ def test_config_keys_are_defined_only_in_config_py():
         if path.name == "config.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("add_") and node.name.endswith("_config"):
+            if (
+                isinstance(node, ast.FunctionDef)
+                and node.name.startswith("add_")
+                and node.name.endswith("_config")
+            ):
                 offenders.append(f"{path.relative_to(PACKAGE)}: {node.name}")
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "get":
                 owner = node.func.value
-                if isinstance(owner, ast.Attribute) and owner.attr in ("MODEL", "TEST", "INPUT", "SOLVER",
-                                                                        "DATASETS", "DATALOADER", "GFOCAL"):
-                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: cfg.{owner.attr}.get(...)")
+                if isinstance(owner, ast.Attribute) and owner.attr in (
+                    "MODEL",
+                    "TEST",
+                    "INPUT",
+                    "SOLVER",
+                    "DATASETS",
+                    "DATALOADER",
+                    "GFOCAL",
+                ):
+                    offenders.append(
+                        f"{path.relative_to(PACKAGE)}:{node.lineno}: cfg.{owner.attr}.get(...)"
+                    )
     assert not offenders, offenders
 
 
@@ -141,6 +156,10 @@ def test_tests_find_their_helpers_as_a_package():
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top.startswith("test_") or top in ("conftest", "digit_scenes") or top.endswith("_utils"):
+                if (
+                    top.startswith("test_")
+                    or top in ("conftest", "digit_scenes")
+                    or top.endswith("_utils")
+                ):
                     offenders.append(f"{rel}:{node.lineno}: import {name}")
     assert not offenders, offenders

@@ -1,5 +1,6 @@
 """Every yaml under configs/ and projects/*/configs builds its model and runs one forward pass
 at 64x64 (eval mode, CPU); the COCO leaf configs carry the published schedules."""
+
 import glob
 import os
 
@@ -39,7 +40,8 @@ def test_config_builds_and_runs_forward(config_file):
     from detectron2.modeling import BACKBONE_REGISTRY, build_model
 
     cfg = build_cfg(
-        config_file, ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+        config_file,
+        ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"],
     )
     if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
         pytest.skip(f"backbone builder {cfg.MODEL.BACKBONE.NAME!r} is not registered (yet)")
@@ -90,14 +92,21 @@ def test_coco_schedules(name):
     assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 0.01
     if "ms2x" in name:
         assert cfg.SOLVER.MAX_ITER == 180000 and tuple(cfg.SOLVER.STEPS) == (120000, 160000)
-        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (480, 960) and cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range"
+        assert (
+            tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (480, 960)
+            and cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range"
+        )
     else:
         assert cfg.SOLVER.MAX_ITER == 90000 and tuple(cfg.SOLVER.STEPS) == (60000, 80000)
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (800,)
     assert cfg.MODEL.RESNETS.DEPTH == (101 if "101" in name else 50)
     if "dcnv2" in name:
         assert not cfg.MODEL.RESNETS.DEFORM_MODULATED and cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS == 1
-        expected = [False, True, True, True] if name.startswith("gfocalv2_R_101") else [False, False, True, True]
+        expected = (
+            [False, True, True, True]
+            if name.startswith("gfocalv2_R_101")
+            else [False, False, True, True]
+        )
         assert list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) == expected
     if "_X_" in name:
         assert (cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP) == (32, 4)

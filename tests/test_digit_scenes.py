@@ -1,4 +1,5 @@
 """DigitScenes: deterministic generation, tight in-image boxes, valid COCO json, registration."""
+
 import hashlib
 import json
 import os
@@ -30,7 +31,9 @@ def test_generation_is_deterministic(tiny, tmp_path):
     again = prepare(str(tmp_path / "b"), TINY_PARAMS)
     assert _tree_digest(tiny) == _tree_digest(again)
     other = prepare(str(tmp_path / "c"), {**TINY_PARAMS, "seed": 1})
-    with open(os.path.join(tiny, "train.json")) as f1, open(os.path.join(other, "train.json")) as f2:
+    with open(os.path.join(tiny, "train.json")) as f1, open(
+        os.path.join(other, "train.json")
+    ) as f2:
         assert json.load(f1)["annotations"] != json.load(f2)["annotations"]
 
 
@@ -67,7 +70,12 @@ def test_coco_json_is_valid(tiny):
 
 def test_boxes_are_tight_and_inside():
     """Each box is exactly the bounding box of its digit's ink (the pixels the digit changed)."""
-    from projects.DigitScenes.digit_scenes.generate import DEFAULT_PARAMS, _draw_scene, _load_digits, _split_indices
+    from projects.DigitScenes.digit_scenes.generate import (
+        DEFAULT_PARAMS,
+        _draw_scene,
+        _load_digits,
+        _split_indices,
+    )
 
     params = {**DEFAULT_PARAMS, **TINY_PARAMS, "image_size": 96, "max_digits": 5}
     glyphs, labels = _load_digits()

@@ -1,5 +1,6 @@
 """A tiny GFocalV2 overfits a few synthetic images: the whole training path (ATSS, QFL,
 DFL, GIoU, DGQP) must drive the detections onto the ground truth."""
+
 import pytest
 import torch
 
@@ -34,7 +35,11 @@ def average_precision_at_50(model, scenes):
             num_gt += len(boxes)
             used = torch.zeros(len(boxes), dtype=torch.bool)
             order = det.scores.argsort(descending=True)
-            ious = pairwise_iou(det.pred_boxes[order], Boxes(boxes)) if len(det) else torch.zeros(0, len(boxes))
+            ious = (
+                pairwise_iou(det.pred_boxes[order], Boxes(boxes))
+                if len(det)
+                else torch.zeros(0, len(boxes))
+            )
             for rank, d in enumerate(order.tolist()):
                 same = (classes == det.pred_classes[d]) & ~used
                 iou = torch.where(same, ious[rank], torch.zeros_like(ious[rank]))
@@ -59,7 +64,11 @@ def average_precision_at_50(model, scenes):
 def test_tiny_model_overfits_synthetic_scenes(dgqp):
     g = torch.Generator().manual_seed(0)
     scenes = [synthetic_scene(g) for _ in range(2)]
-    model = build_model(gfocal_cfg("MODEL.GFOCAL.DGQP_ENABLED", dgqp, "MODEL.PIXEL_STD", [50.0, 50.0, 50.0], tiny=True))
+    model = build_model(
+        gfocal_cfg(
+            "MODEL.GFOCAL.DGQP_ENABLED", dgqp, "MODEL.PIXEL_STD", [50.0, 50.0, 50.0], tiny=True
+        )
+    )
     batch = [{"image": im, "instances": instances((96, 96), b, c)} for im, b, c in scenes]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     model.train()

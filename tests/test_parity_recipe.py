@@ -4,6 +4,7 @@ biases included), images without annotations dropped from training, xavier-unifo
 The published configs (configs/COCO-Detection/*.yaml) are read with build_cfg as a user would;
 only the model is shrunk (R-18, 64 FPN channels) where a model is built, so that the tests are
 fast; the solver/data keys are the configs' own."""
+
 import math
 
 import pytest
@@ -26,15 +27,24 @@ REFERENCE_DECAY = 1e-4
 #: A small model of the same kind: ResNet with the config's norm (BNEval) and frozen stages, FPN,
 #: GroupNorm head. Only the model is shrunk; the solver keys are the config's.
 TINY_MODEL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.BACKBONE.NAME", "build_gfocal_resnet_fpn_backbone",  # the Res2Net config too
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.NUM_GROUPS", "1",
-    "MODEL.RESNETS.WIDTH_PER_GROUP", "64",
-    "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, False, False, False]",
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "MODEL.GFOCAL.NUM_CONVS", "1",
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.BACKBONE.NAME",
+    "build_gfocal_resnet_fpn_backbone",  # the Res2Net config too
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.RESNETS.NUM_GROUPS",
+    "1",
+    "MODEL.RESNETS.WIDTH_PER_GROUP",
+    "64",
+    "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+    "[False, False, False, False]",
+    "MODEL.FPN.OUT_CHANNELS",
+    "64",
+    "MODEL.GFOCAL.NUM_CONVS",
+    "1",
 ]
 
 
@@ -60,8 +70,10 @@ def _norm_parameter_names(model):
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     return {
         f"{m_name}.{p_name}" if m_name else p_name
-        for m_name, m in model.named_modules() if isinstance(m, norm_types)
-        for p_name, p in m.named_parameters(recurse=False) if p.requires_grad
+        for m_name, m in model.named_modules()
+        if isinstance(m, norm_types)
+        for p_name, p in m.named_parameters(recurse=False)
+        if p.requires_grad
     }
 
 
@@ -89,7 +101,9 @@ def test_published_configs_decay_every_parameter_like_the_reference(name):
 def test_detectron2_norm_decay_is_still_available():
     from detectron2.modeling import build_model
 
-    cfg = build_cfg(str(COCO / "gfocalv2_R_50_FPN_1x.yaml"), TINY_MODEL + ["SOLVER.WEIGHT_DECAY_NORM", "0.0"])
+    cfg = build_cfg(
+        str(COCO / "gfocalv2_R_50_FPN_1x.yaml"), TINY_MODEL + ["SOLVER.WEIGHT_DECAY_NORM", "0.0"]
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     decay = _decay_per_parameter(cfg, model)
@@ -112,24 +126,37 @@ def one_empty_image(tmp_path_factory):
 def _files_seen(config_file, dataset, extra=()):
     from gfocalv2.data import build_resumable_train_loader
 
-    cfg = build_cfg(str(config_file), [
-        "MODEL.DEVICE", "cpu",
-        "DATASETS.TRAIN", f"('{dataset}',)",
-        "MODEL.GFOCAL.NUM_CLASSES", "3",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "64",
-        "SOLVER.IMS_PER_BATCH", "1",
-        "DATALOADER.NUM_WORKERS", "0",
-        "SEED", "0",
-        *extra,
-    ])
+    cfg = build_cfg(
+        str(config_file),
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "DATASETS.TRAIN",
+            f"('{dataset}',)",
+            "MODEL.GFOCAL.NUM_CLASSES",
+            "3",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "64",
+            "SOLVER.IMS_PER_BATCH",
+            "1",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "SEED",
+            "0",
+            *extra,
+        ],
+    )
     loader = build_resumable_train_loader(cfg)
     it = iter(loader)
     seen = [next(it)[0]["file_name"] for _ in range(9)]  # 3 epochs of 3 images, or 4.5 of 2
     return cfg, len(loader.dataset), {s.rsplit("/", 1)[-1] for s in seen}
 
 
-@pytest.mark.parametrize("config_file", [BASE, COCO / "gfocalv2_R_50_FPN_1x.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config_file", [BASE, COCO / "gfocalv2_R_50_FPN_1x.yaml"], ids=lambda p: p.name
+)
 def test_published_configs_drop_images_without_annotations(config_file, one_empty_image):
     dataset, empty = one_empty_image
     cfg, num_images, seen = _files_seen(config_file, dataset)
@@ -139,13 +166,18 @@ def test_published_configs_drop_images_without_annotations(config_file, one_empt
 
 def test_images_without_annotations_are_kept_with_the_key_false(one_empty_image):
     dataset, empty = one_empty_image
-    cfg, num_images, seen = _files_seen(BASE, dataset, ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False"])
+    cfg, num_images, seen = _files_seen(
+        BASE, dataset, ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False"]
+    )
     assert num_images == 3 and empty in seen and len(seen) == 3
 
 
 def test_every_published_coco_config_filters_empty_images():
     for name in PUBLISHED:
-        assert build_cfg(str(COCO / name), ["MODEL.DEVICE", "cpu"]).DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, name
+        assert (
+            build_cfg(str(COCO / name), ["MODEL.DEVICE", "cpu"]).DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            is True
+        ), name
 
 
 def test_digit_scenes_keeps_its_images_without_annotations():
@@ -164,7 +196,11 @@ def _xavier_bound(weight):
 
 def _fpn_convs(fpn):
     """(name, conv) of every conv of the FPN proper: laterals, outputs and the top block (P6/P7)."""
-    return [(n, m) for n, m in fpn.named_modules() if isinstance(m, nn.Conv2d) and not n.startswith("bottom_up.")]
+    return [
+        (n, m)
+        for n, m in fpn.named_modules()
+        if isinstance(m, nn.Conv2d) and not n.startswith("bottom_up.")
+    ]
 
 
 def _check_xavier_uniform(convs):
@@ -181,10 +217,17 @@ def _check_xavier_uniform(convs):
             assert torch.equal(conv.bias.detach(), torch.zeros_like(conv.bias)), name
 
 
-@pytest.mark.parametrize("config_file, levels", [
-    (COCO / "gfocalv2_R_50_FPN_1x.yaml", ["p3", "p4", "p5", "p6", "p7"]),
-    (DIGITS_PROJECT / "configs" / "gfocalv2_R_18_digits.yaml", ["p3", "p4", "p5"]),  # FPN with GN, no bias
-], ids=lambda v: getattr(v, "name", None))
+@pytest.mark.parametrize(
+    "config_file, levels",
+    [
+        (COCO / "gfocalv2_R_50_FPN_1x.yaml", ["p3", "p4", "p5", "p6", "p7"]),
+        (
+            DIGITS_PROJECT / "configs" / "gfocalv2_R_18_digits.yaml",
+            ["p3", "p4", "p5"],
+        ),  # FPN with GN, no bias
+    ],
+    ids=lambda v: getattr(v, "name", None),
+)
 def test_fpn_convs_are_xavier_uniform(config_file, levels):
     from detectron2.modeling import build_backbone
 
@@ -197,9 +240,13 @@ def test_fpn_convs_are_xavier_uniform(config_file, levels):
     expected = {f"fpn_lateral{k}" for k in (3, 4, 5)} | {f"fpn_output{k}" for k in (3, 4, 5)}
     if "p7" in levels:
         expected |= {"top_block"}
-        assert {n for n, _ in convs if n.startswith("top_block.")} == {"top_block.p6", "top_block.p7"}
+        assert {n for n, _ in convs if n.startswith("top_block.")} == {
+            "top_block.p6",
+            "top_block.p7",
+        }
     assert names == expected
-    # the laterals map 128/256/512 channels to 64: xavier's bound differs from c2_xavier_fill's there
+    # the laterals map 128/256/512 channels to 64: xavier's bound differs from c2_xavier_fill's
+    # there
     assert any(c.in_channels != c.out_channels for _, c in convs)
     _check_xavier_uniform(convs)
 
@@ -210,4 +257,6 @@ def test_p6_p7_block_is_xavier_uniform():
     torch.manual_seed(0)
     for num_levels in (1, 2):
         block = LastLevelP6P7FromP5(96, num_levels=num_levels)
-        _check_xavier_uniform([(n, m) for n, m in block.named_modules() if isinstance(m, nn.Conv2d)])
+        _check_xavier_uniform(
+            [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+        )

@@ -1,5 +1,7 @@
 """Set-up contract: the install step is a no-op on a second run, and Detectron2's model zoo works
-(with or without setuptools' pkg_resources). What gfocalv2.compat does in each world: test_compat.py."""
+(with or without setuptools' pkg_resources). What gfocalv2.compat does in each world:
+test_compat.py."""
+
 import os
 import subprocess
 import sys
@@ -11,7 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_python(code):
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -49,7 +53,9 @@ def test_detectron2_model_zoo_config_builds_and_runs():
 def test_install_step_is_a_noop_on_second_run():
     """`make test` begins with `make install`; once installed, that target is up to date."""
     venv = os.path.join(REPO, ".venv")
-    if not os.path.exists(os.path.join(venv, ".gfocalv2-installed")) or os.path.realpath(sys.prefix) != os.path.realpath(venv):
+    if not os.path.exists(os.path.join(venv, ".gfocalv2-installed")) or os.path.realpath(
+        sys.prefix
+    ) != os.path.realpath(venv):
         pytest.skip("not running from the Makefile's .venv")
     proc = subprocess.run(["make", "-q", "install"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, "make install would run again: " + proc.stdout + proc.stderr
@@ -60,5 +66,7 @@ def test_install_step_is_a_noop_on_second_run():
 def test_package_is_installed_as_distributions():
     from importlib.metadata import distribution
 
-    assert distribution("detectron2").version.startswith("0.6") or distribution("detectron2").version
+    assert (
+        distribution("detectron2").version.startswith("0.6") or distribution("detectron2").version
+    )
     assert distribution("gfocalv2").version

@@ -1,5 +1,6 @@
 """Bad datasets: each case either continues with a warning naming the cause, or stops at
 start-up with an error naming the file and what to do."""
+
 import copy
 import os
 
@@ -8,7 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.utils.reliability import capture_logs, dump, make_trainer, messages, register, tiny_cfg, write_coco
+from tests.utils.reliability import (
+    capture_logs,
+    dump,
+    make_trainer,
+    messages,
+    register,
+    tiny_cfg,
+    write_coco,
+)
 
 from gfocalv2.data import (
     DataLoadingError,
@@ -25,7 +34,9 @@ from gfocalv2.engine import build_cfg
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
-    json_path, image_dir, data = write_coco(root, sizes=[(64, 64), (80, 48), (48, 80), (64, 64), (64, 56), (72, 64)])
+    json_path, image_dir, data = write_coco(
+        root, sizes=[(64, 64), (80, 48), (48, 80), (64, 64), (64, 56), (72, 64)]
+    )
     return {"root": root, "json": json_path, "images": image_dir, "data": data}
 
 
@@ -44,7 +55,10 @@ def _variant(coco, tmp_path, name, edit):
         ("[1, 2, 3]", "is a JSON list, not a COCO object"),
         ('{"images": []}', "has no 'categories' list"),
         ('{"annotations": [], "categories": []}', "has no 'images' list"),
-        ('{"images": [{"id": 1}], "categories": []}', "images[0] lacks ['file_name', 'width', 'height']"),
+        (
+            '{"images": [{"id": 1}], "categories": []}',
+            "images[0] lacks ['file_name', 'width', 'height']",
+        ),
     ],
 )
 def test_non_coco_json_is_an_error_naming_the_file(coco, tmp_path, content, expected):
@@ -63,13 +77,18 @@ def test_unknown_category_id_is_an_error_listing_ids(coco, tmp_path):
         d["annotations"][1]["category_id"] = 42
 
     name = _variant(coco, tmp_path, "rel_unknown_cat", edit)
-    with pytest.raises(DatasetError, match=r"category_id is not in 'categories': 42 \(2 annotations\); known ids: \[1, 2, 5\]"):
+    with pytest.raises(
+        DatasetError,
+        match=r"category_id is not in 'categories': 42 \(2 annotations\); known ids: \[1, 2, 5\]",
+    ):
         load_dataset_dicts([name])
 
 
 def test_dataset_without_images_is_an_error(coco, tmp_path):
     name = _variant(coco, tmp_path, "rel_no_images", lambda d: d.update(images=[], annotations=[]))
-    with pytest.raises(DatasetError, match=r"'rel_no_images' \(.*rel_no_images.json\) has no images"):
+    with pytest.raises(
+        DatasetError, match=r"'rel_no_images' \(.*rel_no_images.json\) has no images"
+    ):
         load_dataset_dicts([name])
 
 
@@ -89,8 +108,14 @@ def test_missing_images_dropped_for_training_error_for_evaluation(coco, tmp_path
         dicts = load_dataset_dicts([name], is_train=True)
     assert len(dicts) == 4
     warning = messages(logs)
-    assert "2 of 6 images do not exist" in warning and "gone_1.png" in warning and "gone_2.png" in warning
-    with pytest.raises(DatasetError, match=r"used for evaluation: 2 of 6 images do not exist: .*gone_1.png"):
+    assert (
+        "2 of 6 images do not exist" in warning
+        and "gone_1.png" in warning
+        and "gone_2.png" in warning
+    )
+    with pytest.raises(
+        DatasetError, match=r"used for evaluation: 2 of 6 images do not exist: .*gone_1.png"
+    ):
         load_dataset_dicts([name], is_train=False)
 
 
@@ -105,7 +130,9 @@ def test_size_check_at_load_reads_headers(coco, tmp_path):
         d["images"][0]["width"] = 100
 
     name = _variant(coco, tmp_path, "rel_size", edit)
-    assert len(load_dataset_dicts([name], check_images="exists")) == 6  # not checked without reading
+    assert (
+        len(load_dataset_dicts([name], check_images="exists")) == 6
+    )  # not checked without reading
     with capture_logs() as logs:
         dicts = load_dataset_dicts([name], check_images="size")
     assert len(dicts) == 5
@@ -137,7 +164,14 @@ def test_bad_boxes_are_dropped_or_clipped_with_a_warning(coco, tmp_path):
     for d in dicts:
         for a in d["annotations"]:
             x, y, w, h = a["bbox"]
-            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= d["width"] and y + h <= d["height"]
+            assert (
+                w > 0
+                and h > 0
+                and x >= 0
+                and y >= 0
+                and x + w <= d["width"]
+                and y + h <= d["height"]
+            )
 
 
 def test_empty_annotation_lists(coco, tmp_path):
@@ -149,7 +183,9 @@ def test_empty_annotation_lists(coco, tmp_path):
     assert len(load_dataset_dicts([name], filter_empty=True)) == 4
 
     name = _variant(coco, tmp_path, "rel_all_empty", lambda d: d.update(annotations=[]))
-    with pytest.raises(DatasetError, match="none of the 6 images has a .*box left.*FILTER_EMPTY_ANNOTATIONS"):
+    with pytest.raises(
+        DatasetError, match="none of the 6 images has a .*box left.*FILTER_EMPTY_ANNOTATIONS"
+    ):
         load_dataset_dicts([name], filter_empty=True)
     with capture_logs() as logs:
         assert len(load_dataset_dicts([name], filter_empty=False)) == 6
@@ -157,8 +193,16 @@ def test_empty_annotation_lists(coco, tmp_path):
 
 
 def test_training_on_images_without_boxes_has_finite_losses(coco, tmp_path):
-    name = _variant(coco, tmp_path, "rel_train_empty", lambda d: d.update(annotations=d["annotations"][:1]))
-    cfg = tiny_cfg(tmp_path / "out", name, name, max_iter=2, extra=["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "TEST.EVAL_PERIOD", "0"])
+    name = _variant(
+        coco, tmp_path, "rel_train_empty", lambda d: d.update(annotations=d["annotations"][:1])
+    )
+    cfg = tiny_cfg(
+        tmp_path / "out",
+        name,
+        name,
+        max_iter=2,
+        extra=["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "TEST.EVAL_PERIOD", "0"],
+    )
     trainer = make_trainer(cfg)
     trainer.train()  # a non-finite loss would raise
     assert (tmp_path / "out" / "model_final.pth").exists()
@@ -182,7 +226,10 @@ def test_mapper_errors_name_the_file(coco, tmp_path):
     _truncate(broken)
     for record, expected in [
         (dict(good, file_name=str(tmp_path / "nope.png")), r"nope.png does not exist"),
-        (dict(good, file_name=str(broken)), r"truncated.png cannot be used \((OSError|SyntaxError|UnidentifiedImageError)"),
+        (
+            dict(good, file_name=str(broken)),
+            r"truncated.png cannot be used \((OSError|SyntaxError|UnidentifiedImageError)",
+        ),
         (dict(good, width=65), r"img_0.png: its size is 64x64 but the json says 65x64"),
     ]:
         with pytest.raises(ImageLoadError, match=expected):
@@ -195,7 +242,9 @@ def test_training_skips_unreadable_images_and_bounds_failures(coco, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image at all")
     dicts[2] = dict(dicts[2], file_name=str(broken))
-    dataset = RobustMapDataset(dicts, RobustDatasetMapper(cfg, True), seed=1, max_consecutive_failures=3)
+    dataset = RobustMapDataset(
+        dicts, RobustDatasetMapper(cfg, True), seed=1, max_consecutive_failures=3
+    )
     with capture_logs() as logs:
         out = dataset[(2, 0)]
     assert out["file_name"] != str(broken) and out["image"].shape[0] == 3
@@ -205,15 +254,27 @@ def test_training_skips_unreadable_images_and_bounds_failures(coco, tmp_path):
     assert dataset[(2, 0)]["file_name"] == out["file_name"]
 
     all_broken = [dict(d, file_name=str(broken)) for d in dicts]
-    dataset = RobustMapDataset(all_broken, RobustDatasetMapper(cfg, True), seed=1, max_consecutive_failures=3)
-    with pytest.raises(DataLoadingError, match=r"(?s)4 training images in a row could not be loaded.*MAX_CONSECUTIVE_FAILURES is 3.*broken.png"):
+    dataset = RobustMapDataset(
+        all_broken, RobustDatasetMapper(cfg, True), seed=1, max_consecutive_failures=3
+    )
+    with pytest.raises(
+        DataLoadingError,
+        match=r"(?s)4 training images in a row could not be loaded.*"
+        r"MAX_CONSECUTIVE_FAILURES is 3.*broken.png",
+    ):
         dataset[(0, 0)]
 
 
 def test_a_run_with_a_truncated_image_finishes_with_a_warning(coco_dataset, tmp_path):
     name, _, image_dir, _ = coco_dataset("rel_trunc_train", sizes=[(64, 64)] * 4)
     _truncate(os.path.join(image_dir, "img_1.png"))
-    cfg = tiny_cfg(tmp_path / "out", name, name, max_iter=4, extra=["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"])
+    cfg = tiny_cfg(
+        tmp_path / "out",
+        name,
+        name,
+        max_iter=4,
+        extra=["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"],
+    )
     with capture_logs() as logs:
         make_trainer(cfg).train()
     assert "Skipping training image" in messages(logs) and "img_1.png" in messages(logs)
@@ -222,11 +283,18 @@ def test_a_run_with_a_truncated_image_finishes_with_a_warning(coco_dataset, tmp_
 
 
 def test_repeat_factors_with_and_without_square_root():
-    """DATALOADER.REPEAT_SQRT (Detectron2 after v0.6; True is v0.6's behaviour): r = max(1, (t / f)^p)."""
+    """DATALOADER.REPEAT_SQRT (Detectron2 after v0.6; True is v0.6's behaviour):
+    r = max(1, (t / f)^p)."""
     from gfocalv2.data.loader import _repeat_factors
 
     # category 1 in 1 of 4 images (f = 0.25), category 2 in all 4 (f = 1)
-    dicts = [{"annotations": [{"category_id": 1}, {"category_id": 2}]}] + [{"annotations": [{"category_id": 2}]}] * 3
+    dicts = [{"annotations": [{"category_id": 1}, {"category_id": 2}]}] + [
+        {"annotations": [{"category_id": 2}]}
+    ] * 3
     t = 1.0
-    assert _repeat_factors(dicts, t).tolist() == pytest.approx([max(1.0, (t / 0.25) ** 0.5), 1.0, 1.0, 1.0])
-    assert _repeat_factors(dicts, t, sqrt=False).tolist() == pytest.approx([max(1.0, t / 0.25), 1.0, 1.0, 1.0])
+    assert _repeat_factors(dicts, t).tolist() == pytest.approx(
+        [max(1.0, (t / 0.25) ** 0.5), 1.0, 1.0, 1.0]
+    )
+    assert _repeat_factors(dicts, t, sqrt=False).tolist() == pytest.approx(
+        [max(1.0, t / 0.25), 1.0, 1.0, 1.0]
+    )

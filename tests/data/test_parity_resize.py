@@ -3,6 +3,7 @@
 bilinear (which antialiases when shrinking). ``INPUT.RESIZE_BACKEND`` picks one: "cv2-bilinear"
 (the published configs) or "pil-bilinear" (Detectron2's, the default of add_gfocalv2_config).
 Only the pixel interpolation differs: output sizes and boxes are Detectron2's."""
+
 import cv2
 import numpy as np
 import pytest
@@ -21,7 +22,13 @@ PUBLISHED = sorted(p.name for p in COCO.glob("*.yaml"))
 BASE = REPO / "configs" / "Base-GFocalV2.yaml"
 
 #: (h, w, short side, max size): shrink, enlarge, capped by max size, 1-pixel side, identity
-CASES = [(97, 131, 40, 1333), (37, 23, 64, 1333), (120, 400, 100, 150), (3, 500, 10, 60), (50, 70, 50, 1333)]
+CASES = [
+    (97, 131, 40, 1333),
+    (37, 23, 64, 1333),
+    (120, 400, 100, 150),
+    (3, 500, 10, 60),
+    (50, 70, 50, 1333),
+]
 
 
 def _image(h, w, c=3, seed=0, dtype=np.uint8):
@@ -84,12 +91,21 @@ def test_cv2_transform_inverse_and_segmentation():
 
     t = CV2ResizeTransform(40, 60, 20, 30)
     inv = t.inverse()
-    assert isinstance(inv, CV2ResizeTransform) and (inv.h, inv.w, inv.new_h, inv.new_w) == (20, 30, 40, 60)
+    assert isinstance(inv, CV2ResizeTransform) and (inv.h, inv.w, inv.new_h, inv.new_w) == (
+        20,
+        30,
+        40,
+        60,
+    )
     img = _image(20, 30, seed=4)
-    np.testing.assert_array_equal(inv.apply_image(img), cv2.resize(img, (60, 40), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(
+        inv.apply_image(img), cv2.resize(img, (60, 40), interpolation=cv2.INTER_LINEAR)
+    )
     # a segmentation map keeps Detectron2's nearest-neighbour resize (labels are not interpolated)
     seg = np.random.default_rng(5).integers(0, 5, (40, 60)).astype(np.uint8)
-    np.testing.assert_array_equal(t.apply_segmentation(seg), T.ResizeTransform(40, 60, 20, 30).apply_segmentation(seg))
+    np.testing.assert_array_equal(
+        t.apply_segmentation(seg), T.ResizeTransform(40, 60, 20, 30).apply_segmentation(seg)
+    )
     # a non-contiguous view (e.g. BGR -> RGB reversed channels) is resized like its copy
     rgb = _image(40, 60, seed=6)[:, :, ::-1]
     np.testing.assert_array_equal(t.apply_image(rgb), t.apply_image(np.ascontiguousarray(rgb)))
@@ -104,7 +120,9 @@ def test_key_default_is_detectron2s_and_published_configs_use_opencv():
     assert add_gfocalv2_config(get_cfg()).INPUT.RESIZE_BACKEND == "pil-bilinear"
     assert build_cfg("", []).INPUT.RESIZE_BACKEND == "pil-bilinear"
     for path in [BASE] + [COCO / n for n in PUBLISHED]:
-        assert build_cfg(str(path), ["MODEL.DEVICE", "cpu"]).INPUT.RESIZE_BACKEND == "cv2-bilinear", path.name
+        assert (
+            build_cfg(str(path), ["MODEL.DEVICE", "cpu"]).INPUT.RESIZE_BACKEND == "cv2-bilinear"
+        ), path.name
 
 
 def test_bad_value_is_refused_when_the_config_is_built(tmp_path):
@@ -126,9 +144,21 @@ def test_mapper_refuses_a_bad_value_set_in_code():
         RobustDatasetMapper(cfg, True)
 
 
-# ----------------------------------------------------------------------------- mapper, test loader, predictor
-SMALL = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(48,)", "INPUT.MAX_SIZE_TRAIN", "1000",
-         "INPUT.MIN_SIZE_TEST", "40", "INPUT.MAX_SIZE_TEST", "1000", "INPUT.RANDOM_FLIP", "none"]
+# ----------------------------------------------------------------- mapper, test loader, predictor
+SMALL = [
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(48,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "1000",
+    "INPUT.MIN_SIZE_TEST",
+    "40",
+    "INPUT.MAX_SIZE_TEST",
+    "1000",
+    "INPUT.RANDOM_FLIP",
+    "none",
+]
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +170,13 @@ def image_file(tmp_path_factory):
 
 def _record(path):
     return {
-        "file_name": path, "height": 64, "width": 96, "image_id": 1,
-        "annotations": [{"bbox": [10.5, 12.0, 30.0, 20.25], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}],
+        "file_name": path,
+        "height": 64,
+        "width": 96,
+        "image_id": 1,
+        "annotations": [
+            {"bbox": [10.5, 12.0, 30.0, 20.25], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
+        ],
     }
 
 
@@ -158,14 +193,19 @@ def test_mapper_of_the_published_config_resizes_with_opencv(image_file, is_train
     expected = cv2.resize(rgb, (neww, newh), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), expected)
 
-    pil_cfg = build_cfg(str(COCO / "gfocalv2_R_50_FPN_1x.yaml"), SMALL + ["INPUT.RESIZE_BACKEND", "pil-bilinear"])
+    pil_cfg = build_cfg(
+        str(COCO / "gfocalv2_R_50_FPN_1x.yaml"), SMALL + ["INPUT.RESIZE_BACKEND", "pil-bilinear"]
+    )
     pil_out = RobustDatasetMapper(pil_cfg, is_train)(_record(image_file))
     today = T.ResizeShortestEdge((short, short), 1000).get_transform(rgb).apply_image(rgb)
     np.testing.assert_array_equal(pil_out["image"].permute(1, 2, 0).numpy(), today)
     if is_train:
         assert torch.equal(out["instances"].gt_boxes.tensor, pil_out["instances"].gt_boxes.tensor)
         torch.testing.assert_close(
-            out["instances"].gt_boxes.tensor, torch.tensor([[10.5, 12.0, 40.5, 32.25]]) * 0.75, rtol=0, atol=1e-5
+            out["instances"].gt_boxes.tensor,
+            torch.tensor([[10.5, 12.0, 40.5, 32.25]]) * 0.75,
+            rtol=0,
+            atol=1e-5,
         )
 
 
@@ -186,8 +226,16 @@ def test_predictor_uses_the_key():
     from gfocalv2.data.transforms import CV2ResizeTransform
     from gfocalv2.engine.predictor import Predictor
 
-    tiny = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64",
-            "MODEL.GFOCAL.NUM_CONVS", "1"]
+    tiny = [
+        "MODEL.RESNETS.DEPTH",
+        "18",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        "64",
+        "MODEL.FPN.OUT_CHANNELS",
+        "64",
+        "MODEL.GFOCAL.NUM_CONVS",
+        "1",
+    ]
     img = _image(60, 90, seed=9)
     for backend, cls in [("cv2-bilinear", CV2ResizeTransform), ("pil-bilinear", T.ResizeTransform)]:
         cfg = build_cfg(str(BASE), SMALL + tiny + ["INPUT.RESIZE_BACKEND", backend])
@@ -201,7 +249,9 @@ def test_predictor_uses_the_key():
 def test_digit_scenes_images_are_not_resized():
     """DigitScenes (160x160 images, test/train size 160) inherits the published base config: the
     resize is the identity there, whatever the backend."""
-    cfg = build_cfg(str(DIGITS_PROJECT / "configs" / "gfocalv2_R_18_digits.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg = build_cfg(
+        str(DIGITS_PROJECT / "configs" / "gfocalv2_R_18_digits.yaml"), ["MODEL.DEVICE", "cpu"]
+    )
     img = _image(160, 160, seed=10)
     for backend in ("cv2-bilinear", "pil-bilinear"):
         t = _aug(backend, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST).get_transform(img)

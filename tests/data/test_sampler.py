@@ -1,6 +1,7 @@
 """gfocalv2.data.loader.ResumableBatchSampler on its own (the per-process split of one global
 stream, resuming, seeding, aspect-ratio grouping, bad arguments) and ResumableTrainLoader
 (set_start_iter still takes effect between iter() and the first batch)."""
+
 import itertools
 
 import pytest
@@ -48,7 +49,7 @@ def test_in_order_stream_without_repeat_cycles_over_the_images():
 
 def test_shuffled_epochs_are_permutations_that_differ():
     stream = [idx for batch in take(sampler(4), 8) for idx, _ in batch]  # 4 epochs of 8 images
-    epochs = [stream[k:k + 8] for k in range(0, 32, 8)]
+    epochs = [stream[k : k + 8] for k in range(0, 32, 8)]
     assert all(sorted(e) == list(range(8)) for e in epochs)
     assert len({tuple(e) for e in epochs}) > 1 and epochs[0] != list(range(8))
 
@@ -56,7 +57,11 @@ def test_shuffled_epochs_are_permutations_that_differ():
 def test_repeat_factor_epochs_repeat_each_image_floor_or_ceil_times():
     """In order (no shuffle), an epoch is each image repeated int(r) or int(r) + 1 times,
     ascending."""
-    stream = [idx for batch in take(sampler(1, shuffle=False, repeat_factors=REPEAT), 200) for idx, _ in batch]
+    stream = [
+        idx
+        for batch in take(sampler(1, shuffle=False, repeat_factors=REPEAT), 200)
+        for idx, _ in batch
+    ]
     epochs, current = [], [stream[0]]
     for prev, idx in zip(stream, stream[1:]):
         if idx < prev:  # a new epoch starts again from the lowest index
@@ -76,8 +81,12 @@ def test_repeat_factor_epochs_repeat_each_image_floor_or_ceil_times():
 
 @pytest.mark.parametrize("world_size, grouping", [(1, False), (2, False), (2, True)])
 def test_set_start_iter_equals_skipping_batches(world_size, grouping):
-    kwargs = dict(world_size=world_size, rank=world_size - 1, repeat_factors=REPEAT,
-                  sizes=SIZES if grouping else None)
+    kwargs = dict(
+        world_size=world_size,
+        rank=world_size - 1,
+        repeat_factors=REPEAT,
+        sizes=SIZES if grouping else None,
+    )
     full = take(sampler(**kwargs), 15)
     resumed = sampler(**kwargs)
     resumed.set_start_iter(6)
@@ -103,9 +112,17 @@ def test_aspect_ratio_grouping_batches_one_group_only():
     s = sampler(2, shuffle=False, sizes=SIZES)
     assert s.groups == [0, 1, 1, 0, 1, 0, 1, 1]
     # in order: a batch is the next two images of one group, in the order the groups fill up
-    assert take(s, 5) == [[(1, 1), (2, 2)], [(0, 0), (3, 3)], [(4, 4), (6, 6)], [(5, 5), (0, 8)], [(7, 7), (1, 9)]]
+    assert take(s, 5) == [
+        [(1, 1), (2, 2)],
+        [(0, 0), (3, 3)],
+        [(4, 4), (6, 6)],
+        [(5, 5), (0, 8)],
+        [(7, 7), (1, 9)],
+    ]
     for world_size, rank in ((1, 0), (2, 0), (2, 1)):
-        shuffled = take(sampler(3, rank=rank, world_size=world_size, sizes=SIZES, repeat_factors=REPEAT), 30)
+        shuffled = take(
+            sampler(3, rank=rank, world_size=world_size, sizes=SIZES, repeat_factors=REPEAT), 30
+        )
         assert all(len(batch) == 3 for batch in shuffled)
         assert all(len({s.groups[idx] for idx, _ in batch}) == 1 for batch in shuffled)
         positions = [pos for batch in shuffled for _, pos in batch]
@@ -113,12 +130,16 @@ def test_aspect_ratio_grouping_batches_one_group_only():
         assert all(pos % world_size == rank for pos in positions)
 
 
-@pytest.mark.parametrize("num_images, batch_size, message", [
-    (0, 2, "needs at least one image"),
-    (-1, 2, "needs at least one image"),
-    (8, 0, "batch size must be positive, got 0"),
-    (8, -2, "batch size must be positive, got -2"),
-], ids=["no-image", "negative-count", "batch-size-0", "negative-batch-size"])
+@pytest.mark.parametrize(
+    "num_images, batch_size, message",
+    [
+        (0, 2, "needs at least one image"),
+        (-1, 2, "needs at least one image"),
+        (8, 0, "batch size must be positive, got 0"),
+        (8, -2, "batch size must be positive, got -2"),
+    ],
+    ids=["no-image", "negative-count", "batch-size-0", "negative-batch-size"],
+)
 def test_bad_arguments_are_refused(num_images, batch_size, message):
     with pytest.raises(ValueError, match=message):
         ResumableBatchSampler(num_images, batch_size, 0, rank=0, world_size=1)
@@ -143,7 +164,9 @@ class _Keys(torchdata.Dataset):
 
 def _loader(**kwargs):
     s = sampler(2, **kwargs)
-    return ResumableTrainLoader(torchdata.DataLoader(_Keys(), batch_sampler=s, collate_fn=lambda b: b))
+    return ResumableTrainLoader(
+        torchdata.DataLoader(_Keys(), batch_sampler=s, collate_fn=lambda b: b)
+    )
 
 
 def test_loader_start_iter_set_after_iter_before_the_first_batch_takes_effect():

@@ -1,5 +1,6 @@
 """SOLVER.AMP.ENABLED through the Trainer (the model itself under autocast:
 tests/modeling/test_autocast.py)."""
+
 import torch
 
 from tests.utils.workflow import DIGITS_CONFIG, tiny_opts
@@ -12,11 +13,17 @@ def test_trainer_with_solver_amp_on_cpu(tiny_digits, tmp_path):
     from gfocalv2.engine import Trainer, build_cfg, register_coco_datasets
 
     data = tiny_digits
-    register_coco_datasets([["amp_train", *map(str, data["train"])], ["amp_val", *map(str, data["val"])]])
-    opts = tiny_opts(tmp_path / "out", "amp_train", "amp_val", max_iter=2) + ["SOLVER.AMP.ENABLED", "True"]
+    register_coco_datasets(
+        [["amp_train", *map(str, data["train"])], ["amp_val", *map(str, data["val"])]]
+    )
+    opts = tiny_opts(tmp_path / "out", "amp_train", "amp_val", max_iter=2) + [
+        "SOLVER.AMP.ENABLED",
+        "True",
+    ]
     cfg = build_cfg(DIGITS_CONFIG, [str(o) for o in opts])
     trainer = Trainer(cfg)
-    # Detectron2's SimpleTrainer (its AMPTrainer needs CUDA), the forward pass under bfloat16 autocast
+    # Detectron2's SimpleTrainer (its AMPTrainer needs CUDA), the forward pass under bfloat16
+    # autocast
     assert not isinstance(trainer._trainer, AMPTrainer) and trainer.cfg.SOLVER.AMP.ENABLED
     assert trainer._guarded_model.cpu_autocast
     trainer.resume_or_load(resume=False)

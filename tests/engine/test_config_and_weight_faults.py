@@ -1,9 +1,17 @@
 """Bad configs and weights: errors that name the key / file / value and say what to do."""
+
 import pytest
 import torch
 
 from tests.utils.models import gfocal_cfg
-from tests.utils.reliability import DIGITS_CONFIG, capture_logs, messages, small_opts, tiny_cfg, write_coco
+from tests.utils.reliability import (
+    DIGITS_CONFIG,
+    capture_logs,
+    messages,
+    small_opts,
+    tiny_cfg,
+    write_coco,
+)
 
 from detectron2.modeling import build_model
 
@@ -25,13 +33,20 @@ def test_unknown_key_in_a_file_names_file_key_and_close_match(tmp_path):
         build_cfg(str(path))
     assert isinstance(e.value, UnknownConfigKeyError)
     msg = str(e.value)
-    assert str(path) in msg and "unknown config key SOLVER.MAX_ITERS" in msg and "Did you mean SOLVER.MAX_ITER" in msg
+    assert (
+        str(path) in msg
+        and "unknown config key SOLVER.MAX_ITERS" in msg
+        and "Did you mean SOLVER.MAX_ITER" in msg
+    )
 
 
 @pytest.mark.parametrize(
     "key, suggestion",
-    [("MODEL.GFOCAL.NUM_CLASS", "MODEL.GFOCAL.NUM_CLASSES"), ("MODEL.NUM_CLASSES", "MODEL.GFOCAL.NUM_CLASSES"),
-     ("SOLVER.BASE_LRR", "SOLVER.BASE_LR")],
+    [
+        ("MODEL.GFOCAL.NUM_CLASS", "MODEL.GFOCAL.NUM_CLASSES"),
+        ("MODEL.NUM_CLASSES", "MODEL.GFOCAL.NUM_CLASSES"),
+        ("SOLVER.BASE_LRR", "SOLVER.BASE_LR"),
+    ],
 )
 def test_unknown_key_on_the_command_line(key, suggestion):
     with pytest.raises(UnknownConfigKeyError) as e:
@@ -44,12 +59,20 @@ def test_wrong_types_name_key_expected_type_and_value(tmp_path):
     with pytest.raises(ValueError) as e:
         build_cfg(str(DIGITS_CONFIG), ["SOLVER.MAX_ITER", "abc"])
     assert isinstance(e.value, ConfigValueError)
-    assert "SOLVER.MAX_ITER must be of type int" in str(e.value) and "got abc of type str" in str(e.value)
-    with pytest.raises(ConfigValueError, match=r"SOLVER.BASE_LR must be of type float .*got 1 of type int.*e.g. 1.0"):
+    assert "SOLVER.MAX_ITER must be of type int" in str(e.value) and "got abc of type str" in str(
+        e.value
+    )
+    with pytest.raises(
+        ConfigValueError,
+        match=r"SOLVER.BASE_LR must be of type float .*got 1 of type int.*e.g. 1.0",
+    ):
         build_cfg(str(DIGITS_CONFIG), ["SOLVER.BASE_LR", "1"])
     path = tmp_path / "bad_type.yaml"
     path.write_text(f"_BASE_: {DIGITS_CONFIG}\nSOLVER:\n  STEPS: 5\n")
-    with pytest.raises(ConfigValueError, match=rf"{path}: config key SOLVER.STEPS must be of type tuple.*Write a list"):
+    with pytest.raises(
+        ConfigValueError,
+        match=rf"{path}: config key SOLVER.STEPS must be of type tuple.*Write a list",
+    ):
         build_cfg(str(path))
     with pytest.raises(ConfigValueError, match="must be KEY VALUE pairs"):
         merge_config_list(build_cfg(freeze=False), ["SOLVER.MAX_ITER"])
@@ -60,10 +83,15 @@ def test_missing_and_broken_config_files(tmp_path):
         build_cfg(str(tmp_path / "missing.yaml"))
     path = tmp_path / "child.yaml"
     path.write_text("_BASE_: no_such_base.yaml\n")
-    with pytest.raises(FileNotFoundError, match=rf"{path} \(or one of its _BASE_ files\) refers to .*no_such_base.yaml"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{path} \(or one of its _BASE_ files\) refers to .*no_such_base.yaml",
+    ):
         build_cfg(str(path))
     path.write_text("SOLVER:\n  MAX_ITER: [3\n")
-    with pytest.raises(ConfigValueError, match=rf"(?s)config file {path} is not valid YAML.*line 2"):
+    with pytest.raises(
+        ConfigValueError, match=rf"(?s)config file {path} is not valid YAML.*line 2"
+    ):
         build_cfg(str(path))
 
 
@@ -83,7 +111,11 @@ def test_num_classes_must_cover_the_dataset(coco_dataset, tmp_path):
     from gfocalv2.engine import Trainer
 
     name = coco_dataset("rel_cfg_classes", sizes=[(64, 64)] * 2).name
-    with pytest.raises(ValueError, match=r"'rel_cfg_classes' has 3 classes but MODEL.GFOCAL.NUM_CLASSES is 2; set MODEL.GFOCAL.NUM_CLASSES 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"'rel_cfg_classes' has 3 classes but MODEL.GFOCAL.NUM_CLASSES is 2; "
+        r"set MODEL.GFOCAL.NUM_CLASSES 3",
+    ):
         Trainer.build_train_loader(tiny_cfg(tmp_path / "o", name, name, num_classes=2))
     with capture_logs() as logs:
         Trainer.build_train_loader(tiny_cfg(tmp_path / "o", name, name, num_classes=5))
@@ -123,14 +155,16 @@ def test_truncated_weights_file_is_named(tmp_path):
     path = tmp_path / "w.pth"
     torch.save({"model": model.state_dict()}, path)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UnreadableCheckpointError, match=r"Cannot read checkpoint .*w.pth .*truncated"):
+    with pytest.raises(
+        UnreadableCheckpointError, match=r"Cannot read checkpoint .*w.pth .*truncated"
+    ):
         checkpointer_for(cfg, model).load(str(path))
 
 
 def _main_branch_load_contract(monkeypatch):
-    """Make DetectionCheckpointer.load behave as on Detectron2 main (after v0.6), whatever is installed:
-    it records the path in _parsed_url_during_load, asserts that is None when a load starts, and
-    resets it only when the load succeeds."""
+    """Make DetectionCheckpointer.load behave as on Detectron2 main (after v0.6), whatever is
+    installed: it records the path in _parsed_url_during_load, asserts that is None when a load
+    starts, and resets it only when the load succeeds."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     if hasattr(DetectionCheckpointer(torch.nn.Linear(1, 1)), "_parsed_url_during_load"):
@@ -164,7 +198,8 @@ def test_checkpointer_loads_again_after_an_unreadable_file(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("contract", ["installed", "main"])
 def test_resume_skips_an_unreadable_last_checkpoint(tmp_path, monkeypatch, contract):
-    """--resume: last_checkpoint names a truncated file -> the newest readable model_*.pth is used."""
+    """--resume: last_checkpoint names a truncated file -> the newest readable model_*.pth is
+    used."""
     if contract == "main":
         _main_branch_load_contract(monkeypatch)
     cfg, model = _tiny_model()
@@ -189,7 +224,9 @@ def test_other_class_count_is_refused_unless_reinit_is_asked(tmp_path):
     with pytest.raises(CheckpointError) as e:
         checkpointer_for(cfg5, model5).load(str(path))
     msg = str(e.value)
-    assert "head.cls_score.weight: (3, 64, 3, 3) in the checkpoint, (5, 64, 3, 3) in the model" in msg
+    assert (
+        "head.cls_score.weight: (3, 64, 3, 3) in the checkpoint, (5, 64, 3, 3) in the model" in msg
+    )
     assert "MODEL.REINIT_HEAD_ON_CLASS_MISMATCH True" in msg
 
     cfg5, model5 = _tiny_model(5, **{"MODEL.REINIT_HEAD_ON_CLASS_MISMATCH": True})
@@ -216,12 +253,17 @@ def test_other_architecture_unmatched_keys_reported_and_nothing_shared_refused(t
     with capture_logs("fvcore") as logs:
         checkpointer_for(cfg, model).load(str(path))
     text = messages(logs)
-    assert "Some model parameters or buffers are not found in the checkpoint" in text and "head.cls_score" in text
+    assert (
+        "Some model parameters or buffers are not found in the checkpoint" in text
+        and "head.cls_score" in text
+    )
     assert "not used by the model" in text and "roi_heads.box_predictor" in text
 
     path = tmp_path / "unrelated.pth"
     torch.save({"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}, path)
-    with pytest.raises(CheckpointError, match="shares no parameter name with the model .*another architecture"):
+    with pytest.raises(
+        CheckpointError, match="shares no parameter name with the model .*another architecture"
+    ):
         checkpointer_for(cfg, model).load(str(path))
 
 
@@ -230,8 +272,19 @@ def test_eval_only_with_missing_weights_through_train_net(tmp_path):
     from gfocalv2.engine import workflow_argument_parser
 
     json_path, image_dir, _ = write_coco(tmp_path, sizes=[(64, 64)] * 2)
-    argv = ["--config-file", str(DIGITS_CONFIG), "--eval-only", "--register-coco", "rel_eo", json_path, image_dir]
-    argv += small_opts(tmp_path / "o", "rel_eo", "rel_eo") + ["MODEL.WEIGHTS", str(tmp_path / "absent.pth")]
+    argv = [
+        "--config-file",
+        str(DIGITS_CONFIG),
+        "--eval-only",
+        "--register-coco",
+        "rel_eo",
+        json_path,
+        image_dir,
+    ]
+    argv += small_opts(tmp_path / "o", "rel_eo", "rel_eo") + [
+        "MODEL.WEIGHTS",
+        str(tmp_path / "absent.pth"),
+    ]
     with pytest.raises(FileNotFoundError, match="absent.pth does not exist"):
         train_net.main(workflow_argument_parser().parse_args([str(a) for a in argv]))
 
@@ -250,5 +303,7 @@ def test_weights_path_with_a_query_is_not_reported_missing(tmp_path):
             checkpointer.load(f"{path}?matching_heuristics=True")
         return
     checkpointer.load(f"{path}?matching_heuristics=True")
-    with pytest.raises(FileNotFoundError, match=r"nowhere.pth\?matching_heuristics=True does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=r"nowhere.pth\?matching_heuristics=True does not exist"
+    ):
         checkpointer.load(f"{tmp_path / 'nowhere.pth'}?matching_heuristics=True")

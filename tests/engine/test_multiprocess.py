@@ -3,6 +3,7 @@
 Every run is a subprocess with a timeout (its process group is killed past it), so a hang fails
 instead of blocking. The model is the DigitScenes one (head on P3-P5, naiveSyncBN) at 64 px.
 """
+
 import json
 import os
 import signal
@@ -25,8 +26,12 @@ def data(tiny_digits):
 def reference(data, tmp_path_factory):
     """An uninterrupted 2-process run of 6 iterations, recording each process's batches."""
     out = tmp_path_factory.mktemp("mp_reference")
-    code, log, _ = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, module=HARNESS,
-                       env={"GFOCALV2_TEST_RECORD": str(out)})
+    code, log, _ = run(
+        ["--num-gpus", "2", *run_opts(data, out)],
+        TIMEOUT,
+        module=HARNESS,
+        env={"GFOCALV2_TEST_RECORD": str(out)},
+    )
     assert code == 0, log[-4000:]
     return out, log
 
@@ -42,7 +47,9 @@ def _same_weights(a, b):
 
 def _predictions(out):
     with open(os.path.join(out, "inference", "coco_instances_results.json")) as f:
-        return sorted(json.load(f), key=lambda p: (p["image_id"], -p["score"], p["category_id"], p["bbox"]))
+        return sorted(
+            json.load(f), key=lambda p: (p["image_id"], -p["score"], p["category_id"], p["bbox"])
+        )
 
 
 def test_two_processes_train_with_checkpoints_from_rank_0_only(reference):
@@ -52,17 +59,26 @@ def test_two_processes_train_with_checkpoints_from_rank_0_only(reference):
     other_log = open(out / "log.txt.rank1").read()
     assert "Saving checkpoint to" in main_log and "Saving checkpoint" not in other_log
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == [
-        "model_0000002.pth", "model_0000005.pth", "model_final.pth"]
+        "model_0000002.pth",
+        "model_0000005.pth",
+        "model_final.pth",
+    ]
     assert _state(out / "model_0000002.pth")["iteration"] == 2
     assert "copypaste: AP,AP50" in log  # evaluation gathered on rank 0
-    assert "TypedStorage" not in log and "Warning" not in log and "No CUDA runtime" not in log  # a quiet console
+    assert (
+        "TypedStorage" not in log and "Warning" not in log and "No CUDA runtime" not in log
+    )  # a quiet console
 
 
 def test_processes_see_disjoint_halves_of_the_one_process_batches(reference, data, tmp_path):
     out, _ = reference
     ranks = [json.load(open(out / f"batches_rank{r}.json")) for r in (0, 1)]
-    code, log, _ = run(["--num-gpus", "1", *run_opts(data, tmp_path, max_iter=3)], TIMEOUT,
-                       module=HARNESS, env={"GFOCALV2_TEST_RECORD": str(tmp_path)})
+    code, log, _ = run(
+        ["--num-gpus", "1", *run_opts(data, tmp_path, max_iter=3)],
+        TIMEOUT,
+        module=HARNESS,
+        env={"GFOCALV2_TEST_RECORD": str(tmp_path)},
+    )
     assert code == 0, log[-4000:]
     single = json.load(open(tmp_path / "batches_rank0.json"))
     for it in ("0", "1", "2"):
@@ -74,12 +90,21 @@ def test_processes_see_disjoint_halves_of_the_one_process_batches(reference, dat
 def test_one_step_on_two_processes_equals_one_process_on_all_images(tmp_path):
     """Frozen statistics (GroupNorm): gradients of 2 x 2 images (DDP averages them; num_pos and the
     box-loss weight sum are all-reduced) equal those of 1 x 4 images."""
-    code, log, _ = run(["-c", "import tests.utils.multiprocess as m; "
-                        f"m.launch_workers(m.one_step_worker, 2, {str(tmp_path)!r}, 2)"], TIMEOUT, script=None)
+    code, log, _ = run(
+        [
+            "-c",
+            "import tests.utils.multiprocess as m; "
+            f"m.launch_workers(m.one_step_worker, 2, {str(tmp_path)!r}, 2)",
+        ],
+        TIMEOUT,
+        script=None,
+    )
     assert code == 0, log[-4000:]
     two = _state(tmp_path / "grads_rank0.pth")["grads"]
     other = _state(tmp_path / "grads_rank1.pth")["grads"]
-    assert all(torch.equal(two[k], other[k]) for k in two)  # DDP gave both processes the same gradients
+    assert all(
+        torch.equal(two[k], other[k]) for k in two
+    )  # DDP gave both processes the same gradients
     single = tmp_path / "single"
     single.mkdir()
     one_step_worker(str(single), 4)  # this process alone, all 4 images
@@ -94,7 +119,9 @@ def test_evaluation_gives_the_same_detections_with_one_and_two_processes(referen
     """The evaluation at the end of the 2-process training against --eval-only in one process."""
     out, _ = reference
     weights = ["MODEL.WEIGHTS", str(out / "model_final.pth")]
-    code, log, _ = run(["--eval-only", "--num-gpus", "1", *run_opts(data, tmp_path), *weights], TIMEOUT)
+    code, log, _ = run(
+        ["--eval-only", "--num-gpus", "1", *run_opts(data, tmp_path), *weights], TIMEOUT
+    )
     assert code == 0, log[-4000:]
     one, two = _predictions(tmp_path), _predictions(out)
     assert len(one) > 0 and one == two
@@ -106,14 +133,17 @@ def _wait_for(path, text, proc, timeout=TIMEOUT):
         if os.path.exists(path) and text in open(path).read():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"ended before {text!r} appeared in {path}:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"ended before {text!r} appeared in {path}:\n{proc.stdout.read()[-4000:]}"
+            )
         time.sleep(0.05)
     raise AssertionError(f"{text!r} did not appear in {path} within {timeout} s")
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(reference, data, tmp_path):
     """Preemption: SIGTERM to the launching process -> every process finishes its step, rank 0 saves
-    it, all exit with 143 and no traceback; --resume then ends with the uninterrupted run's weights."""
+    it, all exit with 143 and no traceback; --resume then ends with the uninterrupted run's
+    weights."""
     ref, _ = reference
     out = tmp_path / "run"
     proc = start(["--num-gpus", "2", *run_opts(data, out)])
@@ -124,7 +154,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(reference, data, tmp
     assert "Traceback" not in log, log[-4000:]
     assert "Training stopped after iteration" in log and "Continue with --resume" in log
     last = open(out / "last_checkpoint").read().strip()
-    stopped_at = int(last[len("model_"):-len(".pth")])
+    stopped_at = int(last[len("model_") : -len(".pth")])
     assert stopped_at < 5 and _state(out / last)["iteration"] == stopped_at
     assert not (out / "model_final.pth").exists() and "copypaste" not in log  # no evaluation
 
@@ -137,11 +167,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(reference, data, tmp
 def test_non_finite_loss_on_one_process_stops_both_after_rank_0_saved(reference, data, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
-    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, module=HARNESS,
-                             env={"GFOCALV2_TEST_FAULT": "nan:1:3"})
+    code, log, seconds = run(
+        ["--num-gpus", "2", *run_opts(data, out)],
+        TIMEOUT,
+        module=HARNESS,
+        env={"GFOCALV2_TEST_FAULT": "nan:1:3"},
+    )
     assert code != 0
     assert "Non-finite loss at iteration 3" in log
-    assert "The state after iteration 2 is" in log and "model_0000002.pth" in log  # every process says where
+    assert (
+        "The state after iteration 2 is" in log and "model_0000002.pth" in log
+    )  # every process says where
     assert open(out / "last_checkpoint").read().strip() == "model_0000002.pth"
     assert _state(out / "model_0000002.pth")["iteration"] == 2
     assert _same_weights(out / "model_0000002.pth", ref / "model_0000002.pth")
@@ -151,10 +187,15 @@ def test_non_finite_loss_on_one_process_stops_both_after_rank_0_saved(reference,
 
 def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
     """An exception in rank 1 alone at the last iteration: rank 0, blocked in a collective, stops at
-    once, saves the state after the previous iteration under its own number, and no evaluation starts."""
+    once, saves the state after the previous iteration under its own number, and no evaluation
+    starts."""
     out = tmp_path / "run"
-    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out)], TIMEOUT, module=HARNESS,
-                             env={"GFOCALV2_TEST_FAULT": "error:1:5"})
+    code, log, seconds = run(
+        ["--num-gpus", "2", *run_opts(data, out)],
+        TIMEOUT,
+        module=HARNESS,
+        env={"GFOCALV2_TEST_FAULT": "error:1:5"},
+    )
     assert code != 0
     assert "injected failure on rank 1 at iteration 5" in log
     assert "Stopped at iteration 5 because process 1 failed" in log  # rank 0's error names rank 1's
@@ -165,9 +206,11 @@ def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
     assert seconds < 60
 
 
-@pytest.mark.slow  # the same launcher as train_net.py (tested above); kept out of make test for time
+# the same launcher as train_net.py (tested above); kept out of make test for time
+@pytest.mark.slow
 def test_digit_scenes_script_on_two_processes(data, tmp_path):
-    """projects/DigitScenes/train_digits.py --num-gpus 2: the same launcher; the summary comes from rank 0 once."""
+    """projects/DigitScenes/train_digits.py --num-gpus 2: the same launcher; the summary comes
+    from rank 0 once."""
     argv = ["--num-gpus", "2", "--num-vis", "0", *run_opts(data, tmp_path / "out", max_iter=2)[2:]]
     code, log, _ = run(argv, TIMEOUT, script="projects/DigitScenes/train_digits.py")
     assert code == 0, log[-4000:]
@@ -175,15 +218,23 @@ def test_digit_scenes_script_on_two_processes(data, tmp_path):
     assert (tmp_path / "out" / "model_final.pth").is_file()
 
 
-@pytest.mark.slow  # the same mechanism as a failing step (tested above); kept out of make test for time
+# the same mechanism as a failing step (tested above); kept out of make test for time
+@pytest.mark.slow
 def test_evaluation_failing_in_one_process_during_training(data, tmp_path):
-    """The periodic evaluation raises in rank 1 only: rank 0 (waiting to gather the results) stops at
-    once too, after the finished iteration's state is saved."""
+    """The periodic evaluation raises in rank 1 only: rank 0 (waiting to gather the results) stops
+    at once too, after the finished iteration's state is saved."""
     out = tmp_path / "run"
-    code, log, seconds = run(["--num-gpus", "2", *run_opts(data, out, extra=["TEST.EVAL_PERIOD", "3"])], TIMEOUT,
-                             module=HARNESS, env={"GFOCALV2_TEST_FAULT": "eval:1:2"})
+    code, log, seconds = run(
+        ["--num-gpus", "2", *run_opts(data, out, extra=["TEST.EVAL_PERIOD", "3"])],
+        TIMEOUT,
+        module=HARNESS,
+        env={"GFOCALV2_TEST_FAULT": "eval:1:2"},
+    )
     assert code != 0
-    assert "Stopped at iteration 2 because process 1 failed: RuntimeError: injected evaluation failure" in log
+    assert (
+        "Stopped at iteration 2 because process 1 failed: RuntimeError: injected evaluation failure"
+        in log
+    )
     assert open(out / "last_checkpoint").read().strip() == "model_0000002.pth"
     assert _state(out / "model_0000002.pth")["iteration"] == 2
     assert not (out / "model_final.pth").exists()

@@ -2,6 +2,7 @@
 (loss check, stop agreement, BatchNorm statistics restored after a failed step, CPU autocast,
 attributes forwarded to the model) and check_gradients_before_update (the optimizer step
 pre-hook that refuses non-finite gradients)."""
+
 import copy
 import warnings
 
@@ -9,7 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from gfocalv2.engine.train_step import GuardedModel, NonFiniteLossError, check_gradients_before_update
+from gfocalv2.engine.train_step import (
+    GuardedModel,
+    NonFiniteLossError,
+    check_gradients_before_update,
+)
 
 IMAGES = ["image_id 7 (scenes/a.png)", "image_id 9 (scenes/b.png)"]
 
@@ -69,13 +74,20 @@ def test_finite_losses_pass_through_unchanged():
     losses = guard(batch())
     assert losses is model.returned  # the model's own dict
     expected = reference(batch())
-    assert losses.keys() == expected.keys() and all(torch.equal(losses[k], expected[k]) for k in losses)
+    assert losses.keys() == expected.keys() and all(
+        torch.equal(losses[k], expected[k]) for k in losses
+    )
     assert guard.returned and guard.last_batch == IMAGES
     assert guard.last_losses.keys() == losses.keys()
-    assert all(torch.equal(guard.last_losses[k], losses[k]) and not guard.last_losses[k].requires_grad for k in losses)
+    assert all(
+        torch.equal(guard.last_losses[k], losses[k]) and not guard.last_losses[k].requires_grad
+        for k in losses
+    )
 
 
-@pytest.mark.parametrize("factor, shown", [(float("nan"), "nan"), (float("inf"), "inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize(
+    "factor, shown", [(float("nan"), "nan"), (float("inf"), "inf")], ids=["nan", "inf"]
+)
 def test_non_finite_loss_raises_naming_iteration_terms_and_images(factor, shown):
     model, guard = guarded(iteration=12)
     reference = copy.deepcopy(model)
@@ -87,9 +99,14 @@ def test_non_finite_loss_raises_naming_iteration_terms_and_images(factor, shown)
     err = e.value
     assert isinstance(err, NonFiniteLossError)
     assert err.iteration == 12 and err.images == IMAGES
-    assert err.losses["loss_a"] == pytest.approx(loss_a, rel=1e-6) and str(err.losses["loss_b"]) == shown
+    assert (
+        err.losses["loss_a"] == pytest.approx(loss_a, rel=1e-6)
+        and str(err.losses["loss_b"]) == shown
+    )
     message = str(err)
-    assert message.startswith(f"Non-finite loss at iteration 12: loss_a={loss_a:.6g}, loss_b={shown}.")
+    assert message.startswith(
+        f"Non-finite loss at iteration 12: loss_a={loss_a:.6g}, loss_b={shown}."
+    )
     assert all(image in message for image in IMAGES)
     assert not guard.returned  # the step never got past the forward pass
 
@@ -125,11 +142,15 @@ def test_restore_buffers_undoes_the_statistics_of_the_failed_forward():
     assert same_tensors(running_stats(model), after_good)
 
 
-@pytest.mark.parametrize("cpu_autocast, training, expected", [
-    (True, True, torch.bfloat16),
-    (False, True, torch.float32),
-    (True, False, torch.float32),  # inference is not autocast by the guard
-], ids=["autocast-training", "no-autocast", "autocast-inference"])
+@pytest.mark.parametrize(
+    "cpu_autocast, training, expected",
+    [
+        (True, True, torch.bfloat16),
+        (False, True, torch.float32),
+        (True, False, torch.float32),  # inference is not autocast by the guard
+    ],
+    ids=["autocast-training", "no-autocast", "autocast-inference"],
+)
 def test_cpu_autocast_runs_the_training_forward_in_bfloat16(cpu_autocast, training, expected):
     model, guard = guarded(cpu_autocast=cpu_autocast)
     model.train(training)
@@ -146,7 +167,12 @@ def test_attributes_are_the_models():
     assert model.poison == ("loss_a", 2.0)
     guard.eval()
     assert not model.training and not guard.training
-    assert [n for n, _ in guard.named_parameters()] == ["linear.weight", "linear.bias", "norm.weight", "norm.bias"]
+    assert [n for n, _ in guard.named_parameters()] == [
+        "linear.weight",
+        "linear.bias",
+        "norm.weight",
+        "norm.bias",
+    ]
     guard.cpu_autocast = True  # the guard's own state stays the guard's
     assert guard.cpu_autocast and "cpu_autocast" not in vars(model)
     assert guard.stop_agreed is False and not hasattr(model, "stop_agreed")
@@ -170,7 +196,9 @@ def _step_setup(lr=0.1, **hook_kwargs):
     model, guard = guarded(iteration=5)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     updates = []
-    handle = check_gradients_before_update(optimizer, guard, lambda: 5, on_update=lambda: updates.append(1))
+    handle = check_gradients_before_update(
+        optimizer, guard, lambda: 5, on_update=lambda: updates.append(1)
+    )
     losses = guard(batch())
     optimizer.zero_grad()
     sum(losses.values()).backward()
@@ -194,8 +222,12 @@ def test_non_finite_gradient_refuses_the_update(bad):
     err = e.value
     assert err.iteration == 5 and err.images == IMAGES and set(err.losses) == {"loss_a", "loss_b"}
     message = str(err)
-    assert "Non-finite gradient at iteration 5" in message and "the update was not applied" in message
-    assert f"loss_a={err.losses['loss_a']:.6g}" in message and all(image in message for image in IMAGES)
+    assert (
+        "Non-finite gradient at iteration 5" in message and "the update was not applied" in message
+    )
+    assert f"loss_a={err.losses['loss_a']:.6g}" in message and all(
+        image in message for image in IMAGES
+    )
 
 
 def test_finite_gradients_update_once():

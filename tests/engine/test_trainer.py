@@ -1,5 +1,6 @@
 """train_net.py end to end on CPU: a few iterations + COCO evaluation, --eval-only, --resume,
 and datasets registered from the command line / config without code."""
+
 import json
 import os
 import shutil
@@ -20,7 +21,16 @@ def _run(argv):
 
 def _register_args(data, prefix="cli_digits"):
     (tj, ti), (vj, vi) = data["train"], data["val"]
-    return ["--register-coco", f"{prefix}_train", tj, ti, "--register-coco", f"{prefix}_val", vj, vi]
+    return [
+        "--register-coco",
+        f"{prefix}_train",
+        tj,
+        ti,
+        "--register-coco",
+        f"{prefix}_val",
+        vj,
+        vi,
+    ]
 
 
 def _metrics(output_dir):
@@ -44,8 +54,10 @@ def trained(tiny_digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     data = tiny_digits
     out = root / "train"
-    argv = ["--config-file", DIGITS_CONFIG] + _register_args(data) + tiny_opts(
-        out, "cli_digits_train", "cli_digits_val", max_iter=4
+    argv = (
+        ["--config-file", DIGITS_CONFIG]
+        + _register_args(data)
+        + tiny_opts(out, "cli_digits_train", "cli_digits_val", max_iter=4)
     )
     _run(argv)
     return {"root": root, "data": data, "out": out}
@@ -53,9 +65,18 @@ def trained(tiny_digits, tmp_path_factory):
 
 def test_train_writes_checkpoints_metrics_and_evaluation(trained):
     out = trained["out"]
-    for name in ("model_0000001.pth", "model_final.pth", "last_checkpoint", "metrics.json", "config.yaml", "log.txt"):
+    for name in (
+        "model_0000001.pth",
+        "model_final.pth",
+        "last_checkpoint",
+        "metrics.json",
+        "config.yaml",
+        "log.txt",
+    ):
         assert (out / name).exists(), name
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out)), "no TensorBoard events"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out)), (
+        "no TensorBoard events"
+    )
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["iteration"] == 3
@@ -117,7 +138,12 @@ def test_register_coco_from_config_key(trained, tmp_path):
     (tj, ti), (vj, vi) = trained["data"]["train"], trained["data"]["val"]
     cfg = build_cfg(
         str(DIGITS_CONFIG),
-        ["DATASETS.REGISTER_COCO", str([["cfg_digits_train", tj, ti], ["cfg_digits_val", vj, vi]]), "MODEL.DEVICE", "cpu"],
+        [
+            "DATASETS.REGISTER_COCO",
+            str([["cfg_digits_train", tj, ti], ["cfg_digits_val", vj, vi]]),
+            "MODEL.DEVICE",
+            "cpu",
+        ],
     )
     from detectron2.data import DatasetCatalog
 
@@ -143,10 +169,10 @@ def test_unregistered_dataset_and_class_count_errors(trained, tmp_path):
     cfg = build_cfg(str(DIGITS_CONFIG), tiny_opts(tmp_path, "no_such_dataset", "no_such_dataset"))
     with pytest.raises(KeyError, match="no_such_dataset.*--register-coco"):
         Trainer.build_train_loader(cfg)
-    (tj, ti), _ = trained["data"]["train"], None
     cfg = build_cfg(
         str(DIGITS_CONFIG),
-        tiny_opts(tmp_path, "cli_digits_train", "cli_digits_val") + ["MODEL.GFOCAL.NUM_CLASSES", "3"],
+        tiny_opts(tmp_path, "cli_digits_train", "cli_digits_val")
+        + ["MODEL.GFOCAL.NUM_CLASSES", "3"],
     )
     with pytest.raises(ValueError, match="MODEL.GFOCAL.NUM_CLASSES 10"):
         Trainer.build_train_loader(cfg)

@@ -1,13 +1,21 @@
 """Faults during training: non-finite loss, interruption + resume (bit-identical), data that
 disappears mid-run, crashes while saving checkpoints, and evaluation of a model that
 predicts nothing. (The training data order itself: tests/data/test_loader.py.)"""
+
 import os
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.utils.reliability import RANDOM_INPUT, VARIED_SIZES, capture_logs, make_trainer, messages, tiny_cfg
+from tests.utils.reliability import (
+    RANDOM_INPUT,
+    VARIED_SIZES,
+    capture_logs,
+    make_trainer,
+    messages,
+    tiny_cfg,
+)
 
 from detectron2.engine import HookBase
 
@@ -56,9 +64,24 @@ def _same_weights(a, b):
 
 
 def _cfg(out, dataset, max_iter, extra=()):
-    return tiny_cfg(out, dataset, dataset, max_iter=max_iter,
-                    extra=["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "SOLVER.WARMUP_ITERS", "3",
-                           "SOLVER.STEPS", "(5,)", *RANDOM_INPUT, *extra])
+    return tiny_cfg(
+        out,
+        dataset,
+        dataset,
+        max_iter=max_iter,
+        extra=[
+            "TEST.EVAL_PERIOD",
+            "0",
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.WARMUP_ITERS",
+            "3",
+            "SOLVER.STEPS",
+            "(5,)",
+            *RANDOM_INPUT,
+            *extra,
+        ],
+    )
 
 
 def test_resume_after_interruption_is_bit_identical(dataset, tmp_path):
@@ -70,7 +93,9 @@ def test_resume_after_interruption_is_bit_identical(dataset, tmp_path):
 
     out = tmp_path / "interrupted"
     first = make_trainer(_cfg(out, dataset, max_iter))
-    first.register_hooks([KillAfter(4)])  # iteration 4 is done but not checkpointed: lost, as with kill -9
+    first.register_hooks(
+        [KillAfter(4)]
+    )  # iteration 4 is done but not checkpointed: lost, as with kill -9
     with pytest.raises(Killed):
         first.train()
     assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
@@ -81,18 +106,29 @@ def test_resume_after_interruption_is_bit_identical(dataset, tmp_path):
     resumed.register_hooks([rec])
     resumed.train()
 
-    assert rec.lr == {i: rec_full.lr[i] for i in range(4, max_iter)}  # warm-up and step schedule continue
-    assert rec.batches == {i: rec_full.batches[i] for i in range(4, max_iter)}  # same images, same order
-    assert _same_weights(_weights(out / "model_final.pth")["model"], _weights(tmp_path / "full" / "model_final.pth")["model"])
+    assert rec.lr == {
+        i: rec_full.lr[i] for i in range(4, max_iter)
+    }  # warm-up and step schedule continue
+    assert rec.batches == {
+        i: rec_full.batches[i] for i in range(4, max_iter)
+    }  # same images, same order
+    assert _same_weights(
+        _weights(out / "model_final.pth")["model"],
+        _weights(tmp_path / "full" / "model_final.pth")["model"],
+    )
     # the optimizer state (SGD momentum) went through the checkpoint too
     opt_a = _weights(out / "model_final.pth")["trainer"]["_trainer"]["optimizer"]["state"]
-    opt_b = _weights(tmp_path / "full" / "model_final.pth")["trainer"]["_trainer"]["optimizer"]["state"]
+    opt_b = _weights(tmp_path / "full" / "model_final.pth")["trainer"]["_trainer"]["optimizer"][
+        "state"
+    ]
     assert opt_a.keys() == opt_b.keys() and all(
         torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"]) for k in opt_a
     )
 
 
-def test_non_finite_loss_stops_with_iteration_losses_images_and_last_good_checkpoint(dataset, tmp_path):
+def test_non_finite_loss_stops_with_iteration_losses_images_and_last_good_checkpoint(
+    dataset, tmp_path
+):
     out = tmp_path / "nan"
     trainer = make_trainer(_cfg(out, dataset, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
     model = trainer.model
@@ -119,23 +155,39 @@ def test_non_finite_loss_stops_with_iteration_losses_images_and_last_good_checkp
     ckpt = _weights(out / "model_0000002.pth")
     assert ckpt["iteration"] == 2 and (out / "last_checkpoint").read_text() == "model_0000002.pth"
     # the checkpoint is the state before the bad step, which was never applied (not even the
-    # BatchNorm statistics of its forward pass): the same as an uninterrupted run's after iteration 2
+    # BatchNorm statistics of its forward pass): the same as an uninterrupted run's after
+    # iteration 2
     current = {k: v for k, v in model.state_dict().items()}
     assert _same_weights(ckpt["model"], current)
     assert all(torch.isfinite(v).all() for v in current.values() if v.is_floating_point())
     reference = tmp_path / "reference"
     make_trainer(_cfg(reference, dataset, 3, extra=["SOLVER.CHECKPOINT_PERIOD", "3"])).train()
     assert _same_weights(ckpt["model"], _weights(reference / "model_final.pth")["model"])
-    resumed = make_trainer(_cfg(out, dataset, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True)
+    resumed = make_trainer(
+        _cfg(out, dataset, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True
+    )
     assert resumed.start_iter == 3
 
 
 def test_divergence_stops_without_saving_non_finite_weights(dataset, tmp_path):
-    """A real divergence (huge learning rate): finite losses, then overflowing weights/statistics."""
+    """A real divergence (huge learning rate): finite losses, then overflowing
+    weights/statistics."""
     from gfocalv2.engine.checkpoint import NonFiniteWeightsError
 
     out = tmp_path / "diverge"
-    cfg = _cfg(out, dataset, 30, extra=["SOLVER.BASE_LR", "1e6", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1"])
+    cfg = _cfg(
+        out,
+        dataset,
+        30,
+        extra=[
+            "SOLVER.BASE_LR",
+            "1e6",
+            "SOLVER.WARMUP_ITERS",
+            "0",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "1",
+        ],
+    )
     with pytest.raises(FloatingPointError) as e:
         make_trainer(cfg).train()
     assert isinstance(e.value, (NonFiniteLossError, NonFiniteWeightsError))
@@ -159,9 +211,19 @@ def test_images_vanishing_mid_run_stop_with_a_checkpoint(coco_dataset, tmp_path)
                     os.remove(os.path.join(image_dir, f))
 
     out = tmp_path / "out"
-    trainer = make_trainer(_cfg(out, name, 8, extra=["SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.MAX_CONSECUTIVE_FAILURES", "3"]))
+    trainer = make_trainer(
+        _cfg(
+            out,
+            name,
+            8,
+            extra=["SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.MAX_CONSECUTIVE_FAILURES", "3"],
+        )
+    )
     trainer.register_hooks([DeleteImages()])
-    with capture_logs() as logs, pytest.raises(DataLoadingError, match=r"(?s)4 training images in a row could not be loaded.*img_\d.png does not exist"):
+    with capture_logs() as logs, pytest.raises(
+        DataLoadingError,
+        match=r"(?s)4 training images in a row could not be loaded.*img_\d.png does not exist",
+    ):
         trainer.train()
     assert "Saved the last good state (after iteration 2)" in messages(logs)
     assert _weights(out / "model_0000002.pth")["iteration"] == 2
@@ -191,7 +253,10 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ck._atomic_write(str(tmp_path / "last_checkpoint"), crash_text, "w")
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]  # no temp file left
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_final.pth",
+    ]  # no temp file left
 
 
 def test_trainer_checkpoints_go_through_the_atomic_writer(dataset, tmp_path, monkeypatch):
@@ -199,10 +264,20 @@ def test_trainer_checkpoints_go_through_the_atomic_writer(dataset, tmp_path, mon
 
     written = []
     real = ck._atomic_write
-    monkeypatch.setattr(ck, "_atomic_write", lambda path, write, mode: (written.append(os.path.basename(path)), real(path, write, mode)))
+    monkeypatch.setattr(
+        ck,
+        "_atomic_write",
+        lambda path, write, mode: (written.append(os.path.basename(path)), real(path, write, mode)),
+    )
     make_trainer(_cfg(tmp_path, dataset, 2, extra=["SOLVER.CHECKPOINT_PERIOD", "1"])).train()
-    assert written == ["model_0000000.pth", "last_checkpoint", "model_0000001.pth", "last_checkpoint",
-                       "model_final.pth", "last_checkpoint"]
+    assert written == [
+        "model_0000000.pth",
+        "last_checkpoint",
+        "model_0000001.pth",
+        "last_checkpoint",
+        "model_final.pth",
+        "last_checkpoint",
+    ]
 
 
 def test_resume_falls_back_when_the_last_checkpoint_is_truncated(dataset, tmp_path):
@@ -211,7 +286,9 @@ def test_resume_falls_back_when_the_last_checkpoint_is_truncated(dataset, tmp_pa
     final = out / "model_final.pth"
     final.write_bytes(final.read_bytes()[:2000])  # as a crash of a non-atomic writer would leave it
     with capture_logs() as logs:
-        resumed = make_trainer(_cfg(out, dataset, 6, extra=["SOLVER.CHECKPOINT_PERIOD", "2"]), resume=True)
+        resumed = make_trainer(
+            _cfg(out, dataset, 6, extra=["SOLVER.CHECKPOINT_PERIOD", "2"]), resume=True
+        )
     assert resumed.start_iter == 4  # from model_0000003.pth
     text = messages(logs)
     assert "model_final.pth" in text and "resumed from" in text and "model_0000003.pth" in text
@@ -248,10 +325,27 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
     from tests.utils.workflow import DIGITS_CONFIG, REPO, env_with_repo_on_pythonpath
 
     meta = MetadataCatalog.get(dataset)
+
     def argv(out, extra=()):
-        return ["--config-file", str(DIGITS_CONFIG), *extra, "--register-coco", "rel_kill", meta.json_file, meta.image_root,
-                *small_opts(out, "rel_kill", "rel_kill", max_iter=8),
-                "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "SOLVER.WARMUP_ITERS", "3", "SOLVER.STEPS", "(5,)", *RANDOM_INPUT]
+        return [
+            "--config-file",
+            str(DIGITS_CONFIG),
+            *extra,
+            "--register-coco",
+            "rel_kill",
+            meta.json_file,
+            meta.image_root,
+            *small_opts(out, "rel_kill", "rel_kill", max_iter=8),
+            "TEST.EVAL_PERIOD",
+            "0",
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.WARMUP_ITERS",
+            "3",
+            "SOLVER.STEPS",
+            "(5,)",
+            *RANDOM_INPUT,
+        ]
 
     runner = (
         "import sys, os, signal\n"
@@ -270,11 +364,19 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
     )
     script = tmp_path / "run.py"
     script.write_text(runner)
-    env = dict(env_with_repo_on_pythonpath(), OMP_NUM_THREADS="1")  # the script in tmp_path imports train_net
+    env = dict(
+        env_with_repo_on_pythonpath(), OMP_NUM_THREADS="1"
+    )  # the script in tmp_path imports train_net
 
     def run(out, kill_at=-1, extra=()):
-        return subprocess.run([sys.executable, str(script), *[str(a) for a in argv(out, extra)]],
-                              env=dict(env, KILL_AT=str(kill_at)), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(script), *[str(a) for a in argv(out, extra)]],
+            env=dict(env, KILL_AT=str(kill_at)),
+            cwd=str(REPO),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -284,8 +386,10 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
     resumed = run(tmp_path / "killed", extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Starting training from iteration 4" in resumed.stderr + resumed.stdout
-    assert _same_weights(_weights(tmp_path / "killed" / "model_final.pth")["model"],
-                         _weights(tmp_path / "full" / "model_final.pth")["model"])
+    assert _same_weights(
+        _weights(tmp_path / "killed" / "model_final.pth")["model"],
+        _weights(tmp_path / "full" / "model_final.pth")["model"],
+    )
 
 
 def test_test_sets_are_checked_when_the_trainer_is_built(dataset, coco_dataset, tmp_path):
@@ -295,11 +399,16 @@ def test_test_sets_are_checked_when_the_trainer_is_built(dataset, coco_dataset, 
     val, _, image_dir, _ = coco_dataset("rel_val_missing", sizes=[(64, 64)] * 3)
     os.remove(os.path.join(image_dir, "img_2.png"))
     cfg = tiny_cfg(tmp_path / "out", dataset, val)
-    with pytest.raises(DatasetError, match=r"'rel_val_missing'.*used for evaluation: 1 of 3 images do not exist: .*img_2.png"):
+    with pytest.raises(
+        DatasetError,
+        match=r"'rel_val_missing'.*used for evaluation: 1 of 3 images do not exist: .*img_2.png",
+    ):
         Trainer(cfg)
 
 
-def test_a_failing_evaluation_during_training_saves_the_finished_iteration(dataset, coco_dataset, tmp_path):
+def test_a_failing_evaluation_during_training_saves_the_finished_iteration(
+    dataset, coco_dataset, tmp_path
+):
     val, _, image_dir, _ = coco_dataset("rel_val_vanish", sizes=[(64, 64)] * 2)
 
     class DeleteValImage(HookBase):
@@ -308,7 +417,13 @@ def test_a_failing_evaluation_during_training_saves_the_finished_iteration(datas
                 os.remove(os.path.join(image_dir, "img_1.png"))
 
     out = tmp_path / "out"
-    cfg = tiny_cfg(out, dataset, val, max_iter=6, extra=["TEST.EVAL_PERIOD", "3", "SOLVER.CHECKPOINT_PERIOD", "100"])
+    cfg = tiny_cfg(
+        out,
+        dataset,
+        val,
+        max_iter=6,
+        extra=["TEST.EVAL_PERIOD", "3", "SOLVER.CHECKPOINT_PERIOD", "100"],
+    )
     trainer = make_trainer(cfg)
     trainer.register_hooks([DeleteValImage()])
     with pytest.raises(Exception, match="img_1.png"):
@@ -330,14 +445,17 @@ def test_resume_from_a_checkpoint_without_optimizer_state(dataset, tmp_path):
     del ckpt["trainer"]["_trainer"]
     torch.save(ckpt, out / "model_final.pth")
     with capture_logs() as logs:
-        resumed = make_trainer(_cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True)
+        resumed = make_trainer(
+            _cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True
+        )
     assert resumed.start_iter == 2
     assert "no optimizer state" in messages(logs)
     resumed.train()
 
 
 def test_data_seed_of_a_random_seed_run_restores_the_augmentation_seed(dataset, tmp_path):
-    """SEED -1: the resumed run uses the saved data seed for the sampler and for the augmentations."""
+    """SEED -1: the resumed run uses the saved data seed for the sampler and for the
+    augmentations."""
     from gfocalv2.engine.trainer import DataSeedHook
 
     trainer = make_trainer(_cfg(tmp_path / "run", dataset, 2, extra=["SEED", "-1"]))
@@ -358,7 +476,9 @@ def test_sigterm_in_one_process_saves_the_step_and_resume_is_bit_identical(datas
             if self.trainer.iter == 1:
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives during iteration 1
 
-    full = make_trainer(_cfg(tmp_path / "full", dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
+    full = make_trainer(
+        _cfg(tmp_path / "full", dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"])
+    )
     full.train()
     out = tmp_path / "run"
     trainer = make_trainer(_cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
@@ -369,8 +489,16 @@ def test_sigterm_in_one_process_saves_the_step_and_resume_is_bit_identical(datas
     assert e.value.code == 128 + signal.SIGTERM and "after iteration 1 on SIGTERM" in str(e.value)
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
-    assert _weights(out / "model_0000001.pth")["iteration"] == 1 and not (out / "model_final.pth").exists()
-    resumed = make_trainer(_cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True)
+    assert (
+        _weights(out / "model_0000001.pth")["iteration"] == 1
+        and not (out / "model_final.pth").exists()
+    )
+    resumed = make_trainer(
+        _cfg(out, dataset, 4, extra=["SOLVER.CHECKPOINT_PERIOD", "100"]), resume=True
+    )
     assert resumed.start_iter == 2
     resumed.train()
-    assert _same_weights(_weights(out / "model_final.pth")["model"], _weights(tmp_path / "full" / "model_final.pth")["model"])
+    assert _same_weights(
+        _weights(out / "model_final.pth")["model"],
+        _weights(tmp_path / "full" / "model_final.pth")["model"],
+    )

@@ -1,4 +1,5 @@
 """Vectorized ATSS against a slow, per-ground-truth reference written from the paper."""
+
 import pytest
 import torch
 
@@ -15,11 +16,14 @@ def run_both(levels, per_image_gts, topk=9):
     for i, b in enumerate(per_image_gts):
         boxes[i, : len(b)] = b
         valid[i, : len(b)] = True
-    matched, pos = atss_assign(anchors, [len(l) for l in levels], boxes, valid, topk)
+    matched, pos = atss_assign(anchors, [len(lvl) for lvl in levels], boxes, valid, topk)
     for i, b in enumerate(per_image_gts):
         want_matched, want_pos = atss_reference(levels, b.tolist(), topk)
         assert pos[i].tolist() == want_pos, f"image {i}: positives differ"
-        assert matched[i][pos[i]].tolist() == torch.tensor(want_matched)[torch.tensor(want_pos, dtype=torch.bool)].tolist()
+        assert (
+            matched[i][pos[i]].tolist()
+            == torch.tensor(want_matched)[torch.tensor(want_pos, dtype=torch.bool)].tolist()
+        )
     return matched, pos
 
 
@@ -52,13 +56,16 @@ def test_atss_ties_small_boxes_and_borders():
 def test_atss_no_ground_truth_in_batch():
     levels = make_anchors((32, 32))
     anchors = torch.cat(levels)
-    matched, pos = atss_assign(anchors, [len(l) for l in levels], torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool))
+    matched, pos = atss_assign(
+        anchors, [len(a) for a in levels], torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool)
+    )
     assert matched.shape == (2, len(anchors)) and not pos.any()
 
 
 @pytest.mark.parametrize("topk", [1, 3, 50])
 def test_atss_topk_variants(topk):
-    """topk = 1 gives a nan std (one candidate per level is fine with several levels); topk larger than a level."""
+    """topk = 1 gives a nan std (one candidate per level is fine with several levels); topk larger
+    than a level."""
     g = torch.Generator().manual_seed(topk)
     levels = make_anchors((48, 64))
     run_both(levels, [random_boxes(g, 4, 48, 64)], topk=topk)

@@ -2,11 +2,12 @@
 losses in float32 and finite while the network runs in low precision; inference under
 autocast gives the float32 model's detections within tolerance. The trainer with
 SOLVER.AMP.ENABLED: tests/engine/test_amp_trainer.py."""
+
 import pytest
 import torch
 
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, pairwise_iou
+from detectron2.structures import pairwise_iou
 
 from tests.utils.models import gfocal_cfg, random_input, varied_model
 
@@ -73,7 +74,8 @@ def test_autocast_inference_same_detections():
     assert set(seen) == {torch.bfloat16}
     assert half.scores.dtype == torch.float32 and half.pred_boxes.tensor.dtype == torch.float32
     assert len(full) >= 10 and abs(len(half) - len(full)) <= max(2, len(full) // 10)
-    # Every confident float32 detection has a bfloat16 twin: same class, IoU > 0.9, score within 0.02.
+    # Every confident float32 detection has a bfloat16 twin: same class, IoU > 0.9, score within
+    # 0.02.
     confident = full[full.scores > 0.1]
     assert len(confident) >= 5
     iou = pairwise_iou(confident.pred_boxes, half.pred_boxes)  # (F, H)
@@ -83,4 +85,6 @@ def test_autocast_inference_same_detections():
     # The best ones all survive; further down, where neighbours' scores differ by less than
     # bfloat16's resolution, NMS may keep a neighbour instead (a few percent).
     assert matched[:20].all(), matched[:20]
-    assert matched.float().mean() >= 0.95, f"{int((~matched).sum())} of {len(confident)} detections lost under autocast"
+    assert matched.float().mean() >= 0.95, (
+        f"{int((~matched).sum())} of {len(confident)} detections lost under autocast"
+    )

@@ -1,4 +1,6 @@
-"""ResNet / ResNeXt (optionally deformable) and Res2Net v1d bottom-ups: build, forward, parameter counts, norms."""
+"""ResNet / ResNeXt (optionally deformable) and Res2Net v1d bottom-ups: build, forward, parameter
+counts, norms."""
+
 import pytest
 import torch
 import torchvision
@@ -18,7 +20,9 @@ from gfocalv2.modeling.backbone.res2net import Bottle2neckBlock
 ALL_STAGES = ["res2", "res3", "res4", "res5"]
 
 
-def make_cfg(depth=50, groups=1, width=64, deform=(False,) * 4, modulated=False, norm="FrozenBN", freeze_at=2):
+def make_cfg(
+    depth=50, groups=1, width=64, deform=(False,) * 4, modulated=False, norm="FrozenBN", freeze_at=2
+):
     cfg = get_cfg()
     add_gfocalv2_config(cfg)
     r = cfg.MODEL.RESNETS
@@ -45,7 +49,12 @@ def check_forward(model, size=64):
     shapes = model.output_shape()
     assert list(out) == ALL_STAGES
     for name, feat in out.items():
-        assert feat.shape == (1, shapes[name].channels, size // shapes[name].stride, size // shapes[name].stride), name
+        assert feat.shape == (
+            1,
+            shapes[name].channels,
+            size // shapes[name].stride,
+            size // shapes[name].stride,
+        ), name
         assert torch.isfinite(feat).all()
     return out
 
@@ -62,14 +71,19 @@ def check_forward(model, size=64):
     ids=["R18", "R50-dcnv1-c3c5", "R50-dcnv2-c3c5", "R101-dcnv1-c3c5", "X101-32x4d-dcnv1-c4c5"],
 )
 def test_resnet_builds_and_runs(depth, groups, width, deform, modulated):
-    model = build_gfocal_resnet_backbone(make_cfg(depth, groups, width, deform, modulated), ShapeSpec(channels=3)).eval()
+    model = build_gfocal_resnet_backbone(
+        make_cfg(depth, groups, width, deform, modulated), ShapeSpec(channels=3)
+    ).eval()
     check_forward(model)
     for idx, stage in enumerate(model.stages):
         for block in stage:
             assert isinstance(block, DeformBottleneckBlock) == deform[idx]
             if deform[idx]:
                 assert block.conv2_offset.out_channels == (27 if modulated else 18)
-                assert block.conv2.groups == groups and block.conv2.weight.shape[1] == block.conv2.in_channels // groups
+                assert (
+                    block.conv2.groups == groups
+                    and block.conv2.weight.shape[1] == block.conv2.in_channels // groups
+                )
     keys = model.state_dict().keys()
     # Detectron2 names, so Detectron2-style checkpoints load.
     assert "stem.conv1.weight" in keys and "res3.0.shortcut.norm.weight" in keys
@@ -79,11 +93,14 @@ def test_resnet_builds_and_runs(depth, groups, width, deform, modulated):
 
 def test_resnet_r18_rejects_deform():
     with pytest.raises(ValueError, match="DEFORM_ON_PER_STAGE"):
-        build_gfocal_resnet_backbone(make_cfg(18, deform=(False, True, True, True)), ShapeSpec(channels=3))
+        build_gfocal_resnet_backbone(
+            make_cfg(18, deform=(False, True, True, True)), ShapeSpec(channels=3)
+        )
 
 
 def resnext_param_formula(blocks, groups, width_per_group):
-    """Parameters (conv weights + BN weight/bias) of a ResNe(X)t bottom-up without the classifier."""
+    """Parameters (conv weights + BN weight/bias) of a ResNe(X)t bottom-up without the
+    classifier."""
     n = 3 * 64 * 7 * 7 + 2 * 64  # stem
     cin = 64
     for k, nb in enumerate(blocks):
@@ -101,7 +118,9 @@ def resnext_param_formula(blocks, groups, width_per_group):
 
 @pytest.mark.parametrize("depth", [50, 101])
 def test_resnet_param_count_equals_torchvision(depth):
-    model = build_gfocal_resnet_backbone(make_cfg(depth, norm="BN", freeze_at=0), ShapeSpec(channels=3))
+    model = build_gfocal_resnet_backbone(
+        make_cfg(depth, norm="BN", freeze_at=0), ShapeSpec(channels=3)
+    )
     tv = getattr(torchvision.models, f"resnet{depth}")()
     expected = n_params(tv) - n_params(tv.fc)
     assert n_params(model) == expected
@@ -109,16 +128,25 @@ def test_resnet_param_count_equals_torchvision(depth):
 
 
 def test_resnext101_32x4d_param_count():
-    model = build_gfocal_resnet_backbone(make_cfg(101, 32, 4, norm="BN", freeze_at=0), ShapeSpec(channels=3))
+    model = build_gfocal_resnet_backbone(
+        make_cfg(101, 32, 4, norm="BN", freeze_at=0), ShapeSpec(channels=3)
+    )
     assert n_params(model) == resnext_param_formula((3, 4, 23, 3), 32, 4)
     # The same network in torchvision's generic ResNet class (torchvision ships only 32x8d).
-    tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)
+    tv = torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4
+    )
     assert n_params(model) == n_params(tv) - n_params(tv.fc)
 
 
 def test_deform_adds_only_offset_convs():
-    plain = build_gfocal_resnet_backbone(make_cfg(50, norm="BN", freeze_at=0), ShapeSpec(channels=3))
-    dcn = build_gfocal_resnet_backbone(make_cfg(50, deform=(False, True, True, True), norm="BN", freeze_at=0), ShapeSpec(channels=3))
+    plain = build_gfocal_resnet_backbone(
+        make_cfg(50, norm="BN", freeze_at=0), ShapeSpec(channels=3)
+    )
+    dcn = build_gfocal_resnet_backbone(
+        make_cfg(50, deform=(False, True, True, True), norm="BN", freeze_at=0),
+        ShapeSpec(channels=3),
+    )
     # One 3x3 conv (width -> 18, with bias) per block of res3-res5.
     extra = sum(n * (w * 18 * 9 + 18) for n, w in zip((4, 6, 3), (128, 256, 512)))
     assert n_params(dcn) - n_params(plain) == extra
@@ -162,7 +190,12 @@ def test_res2net101_v1d_26w4s_params_and_forward():
     block = model.res3[0]
     assert isinstance(block, Bottle2neckBlock) and block.first_in_stage and block.width == 52
     keys = model.state_dict().keys()
-    for k in ["stem.conv3.norm.weight", "res2.0.conv2.2.norm.weight", "res4.0.conv2_offset.1.weight", "res3.0.shortcut.weight"]:
+    for k in [
+        "stem.conv3.norm.weight",
+        "res2.0.conv2.2.norm.weight",
+        "res4.0.conv2_offset.1.weight",
+        "res3.0.shortcut.weight",
+    ]:
         assert k in keys
 
 
@@ -174,14 +207,24 @@ def test_res2net_fpn_backbone_registered():
     backbone = build_backbone(cfg).eval()
     with torch.no_grad():
         out = backbone(torch.randn(1, 3, 128, 128))
-    assert {k: v.shape[-1] for k, v in out.items()} == {"p3": 16, "p4": 8, "p5": 4, "p6": 2, "p7": 1}
+    assert {k: v.shape[-1] for k, v in out.items()} == {
+        "p3": 16,
+        "p4": 8,
+        "p5": 4,
+        "p6": 2,
+        "p7": 1,
+    }
     assert not any(p.requires_grad for p in backbone.bottom_up.stem.parameters())
 
 
 def test_bn_eval_freezes_statistics_but_trains_affine():
-    model = build_gfocal_resnet_backbone(make_cfg(50, norm="BNEval", freeze_at=2), ShapeSpec(channels=3))
+    model = build_gfocal_resnet_backbone(
+        make_cfg(50, norm="BNEval", freeze_at=2), ShapeSpec(channels=3)
+    )
     # Frozen stages (stem, res2) are FrozenBN as usual; later stages are EvalBatchNorm2d.
-    assert isinstance(model.stem.conv1.norm, FrozenBatchNorm2d) and isinstance(model.res2[0].conv1.norm, FrozenBatchNorm2d)
+    assert isinstance(model.stem.conv1.norm, FrozenBatchNorm2d) and isinstance(
+        model.res2[0].conv1.norm, FrozenBatchNorm2d
+    )
     bn = model.res3[0].conv1.norm
     assert isinstance(bn, EvalBatchNorm2d)
     with torch.no_grad():
@@ -202,7 +245,9 @@ def test_bn_eval_freezes_statistics_but_trains_affine():
 
 
 def test_detectron2_norms_keep_their_meaning():
-    model = build_gfocal_resnet_backbone(make_cfg(50, norm="BN", freeze_at=0), ShapeSpec(channels=3)).train()
+    model = build_gfocal_resnet_backbone(
+        make_cfg(50, norm="BN", freeze_at=0), ShapeSpec(channels=3)
+    ).train()
     bn = model.res3[0].conv1.norm
     assert type(bn).__name__ == "BatchNorm2d" and not isinstance(bn, EvalBatchNorm2d)
     before = bn.running_mean.clone()
@@ -211,5 +256,7 @@ def test_detectron2_norms_keep_their_meaning():
     assert not torch.equal(before, bn.running_mean)  # BN: statistics update in training
     frozen = build_gfocal_resnet_backbone(make_cfg(50, norm="FrozenBN"), ShapeSpec(channels=3))
     assert isinstance(frozen.res4[0].conv2.norm, FrozenBatchNorm2d)
-    gn = build_gfocal_resnet_backbone(make_cfg(50, norm="GN", deform=(False, False, True, True)), ShapeSpec(channels=3))
+    gn = build_gfocal_resnet_backbone(
+        make_cfg(50, norm="GN", deform=(False, False, True, True)), ShapeSpec(channels=3)
+    )
     assert isinstance(gn.res4[0].conv2.norm, torch.nn.GroupNorm)

@@ -1,9 +1,11 @@
-"""Deformable convolution on torchvision (no compiled Detectron2 ops) against independent references.
+"""Deformable convolution on torchvision (no compiled Detectron2 ops) against independent
+references.
 
 The references below use only ``F.conv2d`` and zero-padded shifts of the input, so they
 check both torchvision's kernel and our offset/mask layout (per deform group, per kernel
 tap t = i * k + j: channel 2t is the vertical, 2t + 1 the horizontal offset).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,25 +63,48 @@ def offsets_to_map(offsets, n, h, w):
     return offsets.reshape(-1)[None, :, None, None].expand(n, -1, h, w).contiguous()
 
 
-@pytest.mark.parametrize("stride,padding,dilation,groups,dgroups", [(1, 1, 1, 1, 1), (2, 1, 1, 2, 1), (1, 2, 2, 1, 2)])
+@pytest.mark.parametrize(
+    "stride,padding,dilation,groups,dgroups", [(1, 1, 1, 1, 1), (2, 1, 1, 2, 1), (1, 2, 2, 1, 2)]
+)
 def test_zero_offsets_equal_plain_conv(stride, padding, dilation, groups, dgroups):
     x = torch.randn(2, 8, 11, 9)
-    conv = DeformConv2d(8, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, deformable_groups=dgroups, bias=True)
+    conv = DeformConv2d(
+        8,
+        6,
+        3,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        deformable_groups=dgroups,
+        bias=True,
+    )
     torch.nn.init.normal_(conv.bias)
-    ref = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ref = F.conv2d(
+        x, conv.weight, conv.bias, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
     off = torch.zeros(2, 2 * dgroups * 9, *ref.shape[-2:])
     torch.testing.assert_close(conv(x, off), ref, atol=1e-5, rtol=1e-5)
     # DCNv2 with a unit mask is the same convolution; a mask of 0.3 scales it (before the bias).
     ones = torch.ones(2, dgroups * 9, *ref.shape[-2:])
     torch.testing.assert_close(conv(x, off, ones), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(conv(x, off, 0.3 * ones), 0.3 * (ref - conv.bias[:, None, None]) + conv.bias[:, None, None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        conv(x, off, 0.3 * ones),
+        0.3 * (ref - conv.bias[:, None, None]) + conv.bias[:, None, None],
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_uniform_integer_offset_equals_shifted_input():
     x = torch.randn(1, 4, 10, 12)
     conv = DeformConv2d(4, 5, 3, padding=1)
     dy, dx = 2, -1
-    off = torch.tensor([dy, dx], dtype=torch.float32).repeat(9)[None, :, None, None].expand(1, 18, 10, 12)
+    off = (
+        torch.tensor([dy, dx], dtype=torch.float32)
+        .repeat(9)[None, :, None, None]
+        .expand(1, 18, 10, 12)
+    )
     ref = shifted_conv(x, conv.weight, dy, dx, padding=1)
     torch.testing.assert_close(conv(x, off), ref, atol=1e-5, rtol=1e-5)
 
@@ -93,7 +118,11 @@ def test_per_tap_integer_offsets_two_deform_groups(modulated):
     mask = torch.rand(2, 9, generator=g) if modulated else None
     ref = tapwise_reference(x, conv.weight, offsets, stride=2, padding=1, dilation=1, mask=mask)
     off = offsets_to_map(offsets, 2, *ref.shape[-2:])
-    m = None if mask is None else mask.reshape(-1)[None, :, None, None].expand(2, -1, *ref.shape[-2:]).contiguous()
+    m = (
+        None
+        if mask is None
+        else mask.reshape(-1)[None, :, None, None].expand(2, -1, *ref.shape[-2:]).contiguous()
+    )
     torch.testing.assert_close(conv(x, off, m), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -101,7 +130,10 @@ def test_half_pixel_offset_is_bilinear():
     x = torch.randn(1, 3, 7, 8)
     conv = DeformConv2d(3, 2, 3, padding=1)
     off = torch.tensor([0.5, 0.0]).repeat(9)[None, :, None, None].expand(1, 18, 7, 8)
-    ref = 0.5 * (shifted_conv(x, conv.weight, 0, 0, padding=1) + shifted_conv(x, conv.weight, 1, 0, padding=1))
+    ref = 0.5 * (
+        shifted_conv(x, conv.weight, 0, 0, padding=1)
+        + shifted_conv(x, conv.weight, 1, 0, padding=1)
+    )
     torch.testing.assert_close(conv(x, off), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -115,7 +147,10 @@ def test_deform_block_starts_as_bottleneck_and_offsets_get_gradients(modulated):
         state["conv2.weight"] = state["conv2.weight"] * 0.5
     plain.load_state_dict(state)
     assert block.conv2_offset.out_channels == (27 if modulated else 18)
-    assert torch.count_nonzero(block.conv2_offset.weight) == 0 and torch.count_nonzero(block.conv2_offset.bias) == 0
+    assert (
+        torch.count_nonzero(block.conv2_offset.weight) == 0
+        and torch.count_nonzero(block.conv2_offset.bias) == 0
+    )
     x = torch.randn(2, 16, 12, 12)
     out = block(x)
     torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-5)

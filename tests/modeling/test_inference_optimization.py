@@ -1,4 +1,5 @@
 """The exact inference rewrites: BatchNorm folding and the channels-last memory format."""
+
 import copy
 
 import pytest
@@ -32,12 +33,15 @@ def _randomize_statistics(module, g):
 
 
 def _conv_then_norm_reference(x, weight, bias, mean, var, gamma, beta, eps, **conv_kwargs):
-    """The unfolded computation in float64: conv, then (y - mean) / sqrt(var + eps) * gamma + beta."""
-    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), **conv_kwargs)
+    """The unfolded computation in float64: conv, then (y - mean) / sqrt(var + eps) * gamma +
+    beta."""
+    y = F.conv2d(
+        x.double(), weight.double(), None if bias is None else bias.double(), **conv_kwargs
+    )
     shape = (1, -1, 1, 1)
-    return (y - mean.double().view(shape)) / torch.sqrt(var.double().view(shape) + eps) * gamma.double().view(
-        shape
-    ) + beta.double().view(shape)
+    return (y - mean.double().view(shape)) / torch.sqrt(
+        var.double().view(shape) + eps
+    ) * gamma.double().view(shape) + beta.double().view(shape)
 
 
 @pytest.mark.parametrize("norm_cls", [FrozenBatchNorm2d, EvalBatchNorm2d, nn.BatchNorm2d])
@@ -53,8 +57,16 @@ def test_folded_conv_equals_conv_then_norm(norm_cls, conv_bias):
     x = torch.randn(2, 5, 11, 9, generator=g)
     expected = F.relu(
         _conv_then_norm_reference(
-            x, conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps,
-            stride=2, padding=1,
+            x,
+            conv.weight,
+            conv.bias,
+            norm.running_mean,
+            norm.running_var,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+            stride=2,
+            padding=1,
         )
     )
     before = conv(x)
@@ -96,7 +108,9 @@ def test_folding_a_training_model_is_refused():
 @pytest.fixture(scope="module")
 def bn_model_and_images():
     torch.manual_seed(0)
-    cfg = gfocal_cfg("MODEL.RESNETS.NORM", "BNEval", "MODEL.GFOCAL.SCORE_THRESH_TEST", 0.0, tiny=True)
+    cfg = gfocal_cfg(
+        "MODEL.RESNETS.NORM", "BNEval", "MODEL.GFOCAL.SCORE_THRESH_TEST", 0.0, tiny=True
+    )
     model = build_model(cfg).eval()
     _randomize_statistics(model, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(4)
@@ -116,7 +130,9 @@ def test_optimized_model_gives_the_same_outputs_and_detections(bn_model_and_imag
         for k in feats:
             scale = feats[k].abs().max()  # float32 rounding, relative to the activations' scale
             assert (feats_opt[k] - feats[k]).abs().max() <= 1e-5 * scale, k
-            layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+            layout = (
+                torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+            )
             assert feats_opt[k].is_contiguous(memory_format=layout), k
         head = model.head([feats[f] for f in model.head_in_features])
         head_opt = optimized.head([feats_opt[f] for f in model.head_in_features])
@@ -140,7 +156,10 @@ def test_channels_last_weights(bn_model_and_images):
     cfg, model, _ = bn_model_and_images
     optimized = optimize_for_inference(copy.deepcopy(model), cfg, memory_format="channels_last")
     conv = optimized.backbone.bottom_up.stem.conv1
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert (
+        conv.weight.is_contiguous(memory_format=torch.channels_last)
+        and not conv.weight.is_contiguous()
+    )
 
 
 def test_optimized_copy_leaves_the_training_model_alone(bn_model_and_images):
@@ -170,8 +189,14 @@ def test_bad_memory_format_fails_when_the_config_is_built():
     from gfocalv2.engine import build_cfg
 
     with pytest.raises(ValueError, match="TEST.MEMORY_FORMAT must be one of .*'nhwc'"):
-        build_cfg(f"{REPO}/configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "nhwc"])
-    cfg = build_cfg(f"{REPO}/configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml", ["TEST.MEMORY_FORMAT", "contiguous"])
+        build_cfg(
+            f"{REPO}/configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml",
+            ["TEST.MEMORY_FORMAT", "nhwc"],
+        )
+    cfg = build_cfg(
+        f"{REPO}/configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml",
+        ["TEST.MEMORY_FORMAT", "contiguous"],
+    )
     assert cfg.TEST.MEMORY_FORMAT == "contiguous"
 
 
@@ -192,9 +217,13 @@ def test_checkpointer_refuses_a_folded_model(bn_model_and_images, tmp_path):
     cfg, model, _ = bn_model_and_images
     GFocalCheckpointer(model, str(tmp_path)).save("model_plain")
     optimized = optimize_for_inference(copy.deepcopy(model), cfg)
-    with pytest.raises(CheckpointError, match="optimized for inference.*build a new model or Predictor"):
+    with pytest.raises(
+        CheckpointError, match="optimized for inference.*build a new model or Predictor"
+    ):
         GFocalCheckpointer(optimized).load(str(tmp_path / "model_plain.pth"))
     with pytest.raises(CheckpointError, match="Cannot save checkpoint model_folded"):
         GFocalCheckpointer(optimized, str(tmp_path)).save("model_folded")
     assert not (tmp_path / "model_folded.pth").exists()
-    GFocalCheckpointer(copy.deepcopy(model)).load(str(tmp_path / "model_plain.pth"))  # unoptimized: fine
+    GFocalCheckpointer(copy.deepcopy(model)).load(
+        str(tmp_path / "model_plain.pth")
+    )  # unoptimized: fine

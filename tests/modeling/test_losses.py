@@ -1,5 +1,6 @@
 """QFL, DFL, GIoU and the integral decoding against the papers' formulas, computed
 independently with Python loops in float64."""
+
 import math
 
 import pytest
@@ -24,7 +25,7 @@ def qfl_reference(pred, label, score, beta):
             y = float(score[i]) if int(label[i]) == c else 0.0
             log_s = max(math.log(s), -100.0) if s > 0 else -100.0
             log_1s = max(math.log(1 - s), -100.0) if s < 1 else -100.0
-            total += -abs(y - s) ** beta * ((1 - y) * log_1s + y * log_s)
+            total += -(abs(y - s) ** beta) * ((1 - y) * log_1s + y * log_s)
         out.append(total)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -75,7 +76,9 @@ def dfl_reference(logits, y):
         log_z = m + math.log(sum(math.exp(v - m) for v in row))
         yl = math.floor(float(y[i]))
         yr = yl + 1
-        out.append(-((yr - float(y[i])) * (row[yl] - log_z) + (float(y[i]) - yl) * (row[yr] - log_z)))
+        out.append(
+            -((yr - float(y[i])) * (row[yl] - log_z) + (float(y[i]) - yl) * (row[yr] - log_z))
+        )
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -118,7 +121,9 @@ def test_box_distance_round_trip():
     pts = torch.tensor([[10.0, 20.0], [0.0, 0.0]])
     dist = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
     boxes = distance_to_box(pts, dist)
-    torch.testing.assert_close(boxes, torch.tensor([[9.0, 18.0, 13.0, 24.0], [-0.5, -0.5, 0.5, 0.5]]))
+    torch.testing.assert_close(
+        boxes, torch.tensor([[9.0, 18.0, 13.0, 24.0], [-0.5, -0.5, 0.5, 0.5]])
+    )
     torch.testing.assert_close(box_to_distance(pts, boxes), dist)
 
 
@@ -141,5 +146,7 @@ def test_giou_loss_used_by_the_model_matches_formula():
     xy = torch.rand(25, 2, generator=g, dtype=torch.float64) * 50
     b = torch.cat([xy, xy + torch.rand(25, 2, generator=g, dtype=torch.float64) * 30 + 1], 1)
     got = giou_loss(a, b, reduction="none")
-    want = torch.tensor([giou_reference(a[i].tolist(), b[i].tolist()) for i in range(25)], dtype=torch.float64)
+    want = torch.tensor(
+        [giou_reference(a[i].tolist(), b[i].tolist()) for i in range(25)], dtype=torch.float64
+    )
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

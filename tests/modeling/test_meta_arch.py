@@ -1,11 +1,11 @@
 """The GFocalV2 meta-architecture: construction, parameter count, training edge cases,
 inference semantics, GFLV1, config errors and mixed precision."""
+
 import pytest
 import torch
 
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.structures import Boxes
 
 from gfocalv2.modeling import GFocalV2
 from tests.utils.models import gfocal_cfg, instances, random_input
@@ -43,7 +43,11 @@ def reference_gflv2_r50_parameter_count(num_classes=80, reg_max=16, fpn=256):
 def count_parameters(model):
     """Parameters plus the affine tensors of frozen BN layers (buffers in Detectron2)."""
     n = sum(p.numel() for p in model.parameters())
-    n += sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
+    n += sum(
+        m.weight.numel() + m.bias.numel()
+        for m in model.modules()
+        if isinstance(m, FrozenBatchNorm2d)
+    )
     return n
 
 
@@ -55,12 +59,16 @@ def test_parameter_count_equals_reference_architecture():
 
 
 def test_p6_p7_from_p5_output_without_relu():
-    model = build_model(gfocal_cfg("MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64))
+    model = build_model(
+        gfocal_cfg("MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
+    )
     fpn = model.backbone
     assert fpn.top_block.in_feature == "p5" and fpn.top_block.p6.in_channels == 256
     x = torch.randn(1, 256, 8, 8)
     p6, p7 = fpn.top_block(x)
-    torch.testing.assert_close(p7, fpn.top_block.p7(fpn.top_block.p6(x)))  # no activation in between
+    torch.testing.assert_close(
+        p7, fpn.top_block.p7(fpn.top_block.p6(x))
+    )  # no activation in between
     shapes = fpn.output_shape()
     assert [shapes[f"p{i}"].stride for i in range(3, 8)] == [8, 16, 32, 64, 128]
 
@@ -100,7 +108,9 @@ def test_training_with_images_without_annotations(empty):
 
 def test_dgqp_gradient_reaches_regression_branch():
     g = torch.Generator().manual_seed(1)
-    model = build_model(gfocal_cfg("MODEL.GFOCAL.GIOU_WEIGHT", 0.0, "MODEL.GFOCAL.DFL_WEIGHT", 0.0, tiny=True))
+    model = build_model(
+        gfocal_cfg("MODEL.GFOCAL.GIOU_WEIGHT", 0.0, "MODEL.GFOCAL.DFL_WEIGHT", 0.0, tiny=True)
+    )
     model.train()
     losses = model([random_input(g, 64, 64, 3, 3)])
     losses["loss_qfl"].backward()  # only QFL: reaches bbox_pred through the DGQP alone
@@ -145,13 +155,21 @@ def test_inference_output_in_input_image_coordinates():
 
 
 def test_inference_single_image_semantics():
-    """Score threshold (strict), per-level top-k by max class score, class-wise NMS, max detections."""
-    model = confident_model("MODEL.GFOCAL.TOPK_CANDIDATES_TEST", 2, "MODEL.GFOCAL.DETECTIONS_PER_IMAGE", 3)
+    """Score threshold (strict), per-level top-k by max class score, class-wise NMS, max
+    detections."""
+    model = confident_model(
+        "MODEL.GFOCAL.TOPK_CANDIDATES_TEST", 2, "MODEL.GFOCAL.DETECTIONS_PER_IMAGE", 3
+    )
     reg_max = model.reg_max
-    centers = [torch.tensor([[10.0, 10.0], [50.0, 50.0], [90.0, 10.0]]), torch.tensor([[10.0, 10.0]])]
+    centers = [
+        torch.tensor([[10.0, 10.0], [50.0, 50.0], [90.0, 10.0]]),
+        torch.tensor([[10.0, 10.0]]),
+    ]
     strides = [torch.full((3,), 8.0), torch.full((1,), 16.0)]
     scores = [
-        torch.tensor([[0.9, 0.05, 0.0], [0.8, 0.7, 0.0], [0.06, 0.0, 0.0]]),  # loc 2 loses the level top-2
+        torch.tensor(
+            [[0.9, 0.05, 0.0], [0.8, 0.7, 0.0], [0.06, 0.0, 0.0]]
+        ),  # loc 2 loses the level top-2
         torch.tensor([[0.85, 0.0, 0.3]]),
     ]
     # Every side distance: all mass on bin 1 -> 1 x stride.
@@ -159,8 +177,10 @@ def test_inference_single_image_semantics():
     logits[:, 1] = 50.0
     box_logits = [logits.reshape(1, -1).repeat(3, 1), logits.reshape(1, -1).repeat(1, 1)]
     inst = model.inference_single_image(centers, strides, scores, box_logits, (100, 100))
-    # Candidates above 0.05: (l0,c0).9 (l1,c0).8 (l1,c1).7 (p1 l0,c0).85 (p1 l0,c2).3; 0.05 itself is not kept.
-    # Class-0 NMS: level-1 box [-6,-6,26,26] clipped to [0,0,26,26] overlaps [2,2,18,18] with IoU 256/676 < 0.6: kept.
+    # Candidates above 0.05: (l0,c0).9 (l1,c0).8 (l1,c1).7 (p1 l0,c0).85 (p1 l0,c2).3; 0.05
+    # itself is not kept.
+    # Class-0 NMS: level-1 box [-6,-6,26,26] clipped to [0,0,26,26] overlaps [2,2,18,18] with IoU
+    # 256/676 < 0.6: kept.
     assert len(inst) == 3
     torch.testing.assert_close(inst.scores, torch.tensor([0.9, 0.85, 0.8]))
     torch.testing.assert_close(inst.pred_classes, torch.tensor([0, 0, 0]))
@@ -179,7 +199,10 @@ def test_nms_suppresses_same_class_overlaps_only():
     scores = [torch.tensor([[0.9, 0.0, 0.0], [0.8, 0.7, 0.0]])]
     inst = model.inference_single_image(centers, strides, scores, box_logits, (100, 100))
     # (loc1, c0) is suppressed by (loc0, c0) (IoU ~0.94); (loc1, c1) survives in its own class.
-    assert sorted(zip(inst.pred_classes.tolist(), inst.scores.tolist())) == [(0, pytest.approx(0.9)), (1, pytest.approx(0.7))]
+    assert sorted(zip(inst.pred_classes.tolist(), inst.scores.tolist())) == [
+        (0, pytest.approx(0.9)),
+        (1, pytest.approx(0.7)),
+    ]
 
 
 def test_gflv1_by_configuration():

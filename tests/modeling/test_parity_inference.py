@@ -6,6 +6,7 @@ The locations of the batch-padded tensor beyond an image's own padded size (a mu
 the image's own locations, their boxes were clipped to zero area and took detection slots
 (55 of a 128 x 256 image's 100 detections in a batch with a 256 x 384 image).
 """
+
 import math
 
 import pytest
@@ -52,7 +53,9 @@ def test_boxes_empty_after_clipping_are_dropped_before_nms():
     )
     assert len(inst) == 2  # the third box [42, 96, 58, 112] clips to a non-empty [42, 96, 58, 100]
     torch.testing.assert_close(inst.scores, torch.tensor([0.8, 0.5]))
-    torch.testing.assert_close(inst.pred_boxes.tensor, torch.tensor([[42.0, 96.0, 58.0, 100.0], [2.0, 2.0, 18.0, 18.0]]))
+    torch.testing.assert_close(
+        inst.pred_boxes.tensor, torch.tensor([[42.0, 96.0, 58.0, 100.0], [2.0, 2.0, 18.0, 18.0]])
+    )
 
 
 @pytest.mark.parametrize("topk", [1000, 12])
@@ -68,7 +71,13 @@ def test_small_image_detections_do_not_depend_on_the_batch(topk):
     slots too. Rows 50-63 (the image's own padding to 64) stay valid, as in the reference.
     """
     model = build_model(
-        gfocal_cfg("MODEL.GFOCAL.TOPK_CANDIDATES_TEST", topk, "MODEL.GFOCAL.DETECTIONS_PER_IMAGE", 1000, tiny=True)
+        gfocal_cfg(
+            "MODEL.GFOCAL.TOPK_CANDIDATES_TEST",
+            topk,
+            "MODEL.GFOCAL.DETECTIONS_PER_IMAGE",
+            1000,
+            tiny=True,
+        )
     ).eval()
     g = torch.Generator().manual_seed(20)
     small, large = (50, 90), (160, 224)
@@ -77,7 +86,13 @@ def test_small_image_detections_do_not_depend_on_the_batch(topk):
     channels = (C, B, 1)
 
     def maps(shapes, offset=0.0):
-        return [[torch.randn(1, k, h, w, generator=g) * 2.0 + (offset if k != B else 0.0) for h, w in shapes] for k in channels]
+        return [
+            [
+                torch.randn(1, k, h, w, generator=g) * 2.0 + (offset if k != B else 0.0)
+                for h, w in shapes
+            ]
+            for k in channels
+        ]
 
     alone = maps(small_shapes)
     embedded = maps(large_shapes, offset=3.0)  # garbage: class and quality logits around 3
@@ -85,7 +100,10 @@ def test_small_image_detections_do_not_depend_on_the_batch(topk):
         for a, b in zip(level_alone, level_big):
             b[..., : a.shape[2], : a.shape[3]] = a
     other = maps(large_shapes)
-    batch = tuple([torch.cat([e, o]) for e, o in zip(levels_e, levels_o)] for levels_e, levels_o in zip(embedded, other))
+    batch = tuple(
+        [torch.cat([e, o]) for e, o in zip(levels_e, levels_o)]
+        for levels_e, levels_o in zip(embedded, other)
+    )
 
     (want,) = run_inference(model, [small], tuple(alone))
     got, got_large = run_inference(model, [small, large], batch)
@@ -122,7 +140,10 @@ def test_whole_model_batch_of_a_large_and_a_small_image():
         model.head.dgqp[2].bias.fill_(10.0)
         model.head.dgqp[2].weight.zero_()
     g = torch.Generator().manual_seed(21)
-    batch = [{"image": torch.rand(3, 256, 384, generator=g) * 255}, {"image": torch.rand(3, 128, 256, generator=g) * 255}]
+    batch = [
+        {"image": torch.rand(3, 256, 384, generator=g) * 255},
+        {"image": torch.rand(3, 128, 256, generator=g) * 255},
+    ]
     with torch.no_grad():
         images = model.preprocess_image(batch)
         features = model.backbone(images.tensor)

@@ -6,6 +6,7 @@ predictions (random per-level maps) and dummy feature maps (the anchors only rea
 shapes): the head's GroupNorm would otherwise make the predictions of an image depend on
 the batch padding, and these tests are about the target and loss computation only.
 """
+
 import math
 
 import pytest
@@ -122,7 +123,9 @@ def test_dfl_targets_of_a_long_thin_box_clamped_at_reg_max_minus_0_1(monkeypatch
     # Independently: distances from the anchor centres to the box, in stride units.
     centers = ((anchors[:, :2] + anchors[:, 2:]) / 2)[is_pos[0]].double()
     b = torch.tensor(box, dtype=torch.float64)
-    true = torch.stack([centers[:, 0] - b[0], centers[:, 1] - b[1], b[2] - centers[:, 0], b[3] - centers[:, 1]], 1)
+    true = torch.stack(
+        [centers[:, 0] - b[0], centers[:, 1] - b[1], b[2] - centers[:, 0], b[3] - centers[:, 1]], 1
+    )
     true = true / strides[is_pos[0]].double()[:, None]
     limit = torch.tensor(16 - 0.1, dtype=torch.float32)
     assert targets.max() <= limit
@@ -149,7 +152,14 @@ def test_masked_atss_equals_atss_on_the_image_own_anchors():
     gts[0] = torch.tensor([70.0, 30.0, 90.0, 60.0])  # at the small image's border
     valid = torch.zeros(1, A, dtype=torch.bool)
     valid[0, idx] = True
-    matched, pos = atss_assign(anchors, [len(l) for l in big_levels], gts[None], torch.ones(1, len(gts), dtype=torch.bool), 9, anchor_valid=valid)
+    matched, pos = atss_assign(
+        anchors,
+        [len(lvl) for lvl in big_levels],
+        gts[None],
+        torch.ones(1, len(gts), dtype=torch.bool),
+        9,
+        anchor_valid=valid,
+    )
     want_matched, want_pos = atss_reference(small_levels, gts.tolist())
     want_pos = torch.tensor(want_pos)
     assert want_pos.sum() > 0
@@ -174,13 +184,19 @@ def test_anchors_in_another_images_padding_are_not_candidates_and_add_no_qfl(mod
     g = torch.Generator().manual_seed(12)
     small, large = (60, 90), (160, 224)
     small_shapes, large_shapes = level_shapes(*small), level_shapes(*large)
-    gts_small = instances(small, torch.cat([random_boxes(g, 4, *small), torch.tensor([[66.0, 20.0, 90.0, 60.0]])]), [0, 1, 2, 0, 1])
+    gts_small = instances(
+        small,
+        torch.cat([random_boxes(g, 4, *small), torch.tensor([[66.0, 20.0, 90.0, 60.0]])]),
+        [0, 1, 2, 0, 1],
+    )
     gts_large = instances(large, random_boxes(g, 5, *large), [2, 1, 0, 1, 2])
     pred_small = random_maps(g, model, small_shapes)
     pred_large = random_maps(g, model, large_shapes)
     batch_pred = stack(embed(pred_small, large_shapes, g), pred_large)
 
-    loss_b, lab_b = run_training(model, [small, large], batch_pred, [gts_small, gts_large], monkeypatch)
+    loss_b, lab_b = run_training(
+        model, [small, large], batch_pred, [gts_small, gts_large], monkeypatch
+    )
     loss_s, lab_s = run_training(model, [small], pred_small, [gts_small], monkeypatch)
     loss_l, lab_l = run_training(model, [large], pred_large, [gts_large], monkeypatch)
     matched_b, pos_b = lab_b[4], lab_b[5]
@@ -216,7 +232,9 @@ def test_qfl_normalizer_sums_max_positives_1_over_images(model, monkeypatch):
     gts_e = instances(size, torch.zeros(0, 4), torch.zeros(0))
     pred_a, pred_e = random_maps(g, model, shapes), random_maps(g, model, shapes)
 
-    loss_b, lab_b = run_training(model, [size, size], stack(pred_a, pred_e), [gts_a, gts_e], monkeypatch)
+    loss_b, lab_b = run_training(
+        model, [size, size], stack(pred_a, pred_e), [gts_a, gts_e], monkeypatch
+    )
     loss_a, lab_a = run_training(model, [size], pred_a, [gts_a], monkeypatch)
     loss_e, lab_e = run_training(model, [size], pred_e, [gts_e], monkeypatch)
     n = int(lab_b[5].sum())
@@ -224,8 +242,12 @@ def test_qfl_normalizer_sums_max_positives_1_over_images(model, monkeypatch):
 
     # The empty image: every anchor is a negative, QFL = sum over classes of -p^2 log(1 - p).
     cls, _, quality = pred_e
-    p = torch.cat([(c.double().sigmoid() * q.double().sigmoid()).flatten(2) for c, q in zip(cls, quality)], 2)
-    torch.testing.assert_close(loss_e["loss_qfl"].double(), (-(p**2) * torch.log1p(-p)).sum(), rtol=1e-5, atol=1e-6)
+    p = torch.cat(
+        [(c.double().sigmoid() * q.double().sigmoid()).flatten(2) for c, q in zip(cls, quality)], 2
+    )
+    torch.testing.assert_close(
+        loss_e["loss_qfl"].double(), (-(p**2) * torch.log1p(-p)).sum(), rtol=1e-5, atol=1e-6
+    )
 
     want = (loss_a["loss_qfl"].double() * n + loss_e["loss_qfl"].double()) / (n + 1)
     torch.testing.assert_close(loss_b["loss_qfl"].double(), want, rtol=1e-5, atol=1e-7)

@@ -3,6 +3,7 @@ gradient (DistributedDataParallel stops at the 2nd iteration on "parameters that
 in producing loss"); the full P3-P7 model keeps its parameter names (published weights and
 existing checkpoints load); a backbone that computes unread levels with their own trainable
 parameters is refused when the model is built."""
+
 import pytest
 import torch
 
@@ -20,8 +21,18 @@ from gfocalv2.modeling.backbone.fpn import head_in_features
 from gfocalv2.modeling.backbone.fpn import unread_fpn_modules
 
 CONFIGS = DIGITS_PROJECT / "configs"
-P3_P6 = ("MODEL.GFOCAL.IN_FEATURES", ["p3", "p4", "p5", "p6"], "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256]])
-P3_P5 = ("MODEL.GFOCAL.IN_FEATURES", ["p3", "p4", "p5"], "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128]])
+P3_P6 = (
+    "MODEL.GFOCAL.IN_FEATURES",
+    ["p3", "p4", "p5", "p6"],
+    "MODEL.ANCHOR_GENERATOR.SIZES",
+    [[32], [64], [128], [256]],
+)
+P3_P5 = (
+    "MODEL.GFOCAL.IN_FEATURES",
+    ["p3", "p4", "p5"],
+    "MODEL.ANCHOR_GENERATOR.SIZES",
+    [[32], [64], [128]],
+)
 TOP_BLOCK_P6 = {"top_block.p6.weight", "top_block.p6.bias"}
 TOP_BLOCK_P6_P7 = TOP_BLOCK_P6 | {"top_block.p7.weight", "top_block.p7.bias"}
 
@@ -44,7 +55,8 @@ def num_classes(cfg):
 
 
 def unused_after_one_step(model, cfg, size=128):
-    """Names of the trainable parameters without a gradient after one training forward + backward."""
+    """Names of the trainable parameters without a gradient after one training forward +
+    backward."""
     g = torch.Generator().manual_seed(0)
     batch = [random_input(g, size, size, 3, num_classes(cfg)) for _ in range(2)]
     model.train()
@@ -54,11 +66,14 @@ def unused_after_one_step(model, cfg, size=128):
     return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
 
-@pytest.mark.parametrize("which, levels", [
-    ("digits", ["p3", "p4", "p5"]),
-    ("p3-p6", ["p3", "p4", "p5", "p6"]),
-    ("p3-p7", ["p3", "p4", "p5", "p6", "p7"]),
-])
+@pytest.mark.parametrize(
+    "which, levels",
+    [
+        ("digits", ["p3", "p4", "p5"]),
+        ("p3-p6", ["p3", "p4", "p5", "p6"]),
+        ("p3-p7", ["p3", "p4", "p5", "p6", "p7"]),
+    ],
+)
 def test_every_trainable_parameter_gets_a_gradient(which, levels, tmp_path):
     cfg = model_cfg(which, tmp_path)
     torch.manual_seed(0)
@@ -85,7 +100,11 @@ def test_unknown_meta_architecture_gets_every_level():
 
 
 def _backbone_keys(model):
-    return {k[len("backbone."):]: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    return {
+        k[len("backbone.") :]: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if k.startswith("backbone.")
+    }
 
 
 def test_state_dict_keys_of_each_pyramid():
@@ -125,11 +144,20 @@ def test_state_dict_keys_of_each_pyramid():
     assert p3_p5 == {k: v for k, v in full_keys.items() if not k.startswith("top_block.")}
 
     # A head on p4-p7 needs no res3 lateral/output convs.
-    p4_p7 = _backbone_keys(build_model(gfocal_cfg(
-        "MODEL.GFOCAL.IN_FEATURES", ["p4", "p5", "p6", "p7"],
-        "MODEL.ANCHOR_GENERATOR.SIZES", [[64], [128], [256], [512]], tiny=True,
-    )))
-    assert p4_p7 == {k: v for k, v in full_keys.items() if not k.startswith(("fpn_lateral3.", "fpn_output3."))}
+    p4_p7 = _backbone_keys(
+        build_model(
+            gfocal_cfg(
+                "MODEL.GFOCAL.IN_FEATURES",
+                ["p4", "p5", "p6", "p7"],
+                "MODEL.ANCHOR_GENERATOR.SIZES",
+                [[64], [128], [256], [512]],
+                tiny=True,
+            )
+        )
+    )
+    assert p4_p7 == {
+        k: v for k, v in full_keys.items() if not k.startswith(("fpn_lateral3.", "fpn_output3."))
+    }
 
 
 def test_digit_scenes_model_has_no_top_block(tmp_path):
@@ -139,7 +167,10 @@ def test_digit_scenes_model_has_no_top_block(tmp_path):
 
 
 # ------------------------------------------------------------------ structural check at build time
-D2_FPN = ("MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone")  # P6/P7 from res5, always built
+D2_FPN = (
+    "MODEL.BACKBONE.NAME",
+    "build_retinanet_resnet_fpn_backbone",
+)  # P6/P7 from res5, always built
 
 
 def test_backbone_with_unread_levels_is_refused():
@@ -147,17 +178,28 @@ def test_backbone_with_unread_levels_is_refused():
         build_model(gfocal_cfg(*D2_FPN, *P3_P5, tiny=True))
     msg = str(e.value)
     assert "MODEL.GFOCAL.IN_FEATURES ['p3', 'p4', 'p5']" in msg and "['p6', 'p7']" in msg
-    assert all(f"backbone.top_block.{n}" in msg for n in ("p6.weight", "p6.bias", "p7.weight", "p7.bias"))
+    assert all(
+        f"backbone.top_block.{n}" in msg for n in ("p6.weight", "p6.bias", "p7.weight", "p7.bias")
+    )
 
     with pytest.raises(ValueError) as e:  # P6 feeds the unread P7 only through P7's own conv
         build_model(gfocal_cfg(*D2_FPN, *P3_P6, tiny=True))
     assert "backbone.top_block.p7.weight" in str(e.value) and "top_block.p6" not in str(e.value)
 
-    with pytest.raises(ValueError, match=r"fpn_lateral3.weight.*fpn_output3.weight|fpn_output3.weight.*fpn_lateral3.weight"):
-        build_model(gfocal_cfg(
-            *D2_FPN, "MODEL.GFOCAL.IN_FEATURES", ["p4", "p5", "p6", "p7"],
-            "MODEL.ANCHOR_GENERATOR.SIZES", [[64], [128], [256], [512]], tiny=True,
-        ))
+    with pytest.raises(
+        ValueError,
+        match=r"fpn_lateral3.weight.*fpn_output3.weight|fpn_output3.weight.*fpn_lateral3.weight",
+    ):
+        build_model(
+            gfocal_cfg(
+                *D2_FPN,
+                "MODEL.GFOCAL.IN_FEATURES",
+                ["p4", "p5", "p6", "p7"],
+                "MODEL.ANCHOR_GENERATOR.SIZES",
+                [[64], [128], [256], [512]],
+                tiny=True,
+            )
+        )
 
 
 def test_structural_check_accepts_what_is_read_and_skips_unknown_backbones():

@@ -6,6 +6,7 @@ release), the Res2Net v1d release (MMDetection naming ``stem.*`` and the origina
 The converted Detectron2 model is compared with forwards written here directly from the
 source tensors (functional convs on the source keys), and with torchvision itself.
 """
+
 import os
 
 import pytest
@@ -39,7 +40,10 @@ def randomize_bn_stats(module):
 
 def torchvision_model(depth=50, groups=1, width=64):
     tv = torchvision.models.resnet.ResNet(
-        torchvision.models.resnet.Bottleneck, list(BLOCKS[depth]), groups=groups, width_per_group=width
+        torchvision.models.resnet.Bottleneck,
+        list(BLOCKS[depth]),
+        groups=groups,
+        width_per_group=width,
     )
     return randomize_bn_stats(tv).eval()
 
@@ -67,7 +71,8 @@ def offset_entries(prefix, cin, g):
 
 
 def mmdet_resnet_backbone(depth=50, dcn=(False, True, True, True), seed=0, groups=1, width=64):
-    """MMDetection ResNet/ResNeXt (pytorch style) backbone keys: torchvision's, plus DCN ``conv2.conv_offset``."""
+    """MMDetection ResNet/ResNeXt (pytorch style) backbone keys: torchvision's, plus DCN
+    ``conv2.conv_offset``."""
     torch.manual_seed(seed)
     tv = torchvision_model(depth, groups, width)
     g = torch.Generator().manual_seed(seed)
@@ -80,7 +85,8 @@ def mmdet_resnet_backbone(depth=50, dcn=(False, True, True, True), seed=0, group
 
 
 def mmdet_res2net_backbone(depth=50, scales=4, base_width=26, dcn=(False,) * 4, seed=0):
-    """MMDetection Res2Net v1d backbone keys (``stem.{0,1,3,4,6,7}``, ``layerK.i.convs.j`` ...), random values."""
+    """MMDetection Res2Net v1d backbone keys (``stem.{0,1,3,4,6,7}``, ``layerK.i.convs.j`` ...),
+    random values."""
     g = torch.Generator().manual_seed(seed)
     sd = {"stem.0.weight": conv_w(32, 3, 3, g), **bn_entries("stem.1", 32, g)}
     sd.update({"stem.3.weight": conv_w(32, 32, 3, g), **bn_entries("stem.4", 32, g)})
@@ -141,14 +147,26 @@ def mmdet_detector(backbone, num_out=81, reg_max=16, dgqp=True, seed=1):
 
 
 def ref_bn(x, sd, p):
-    return F.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"], False, 0.0, 1e-5)
+    return F.batch_norm(
+        x,
+        sd[p + ".running_mean"],
+        sd[p + ".running_var"],
+        sd[p + ".weight"],
+        sd[p + ".bias"],
+        False,
+        0.0,
+        1e-5,
+    )
 
 
 def ref_conv3x3(x, sd, p, stride):
-    """MMCV ``Conv2d`` or ``DeformConv2dPack`` (if ``p.conv_offset`` exists), 3x3, padding 1, no bias."""
+    """MMCV ``Conv2d`` or ``DeformConv2dPack`` (if ``p.conv_offset`` exists), 3x3, padding 1, no
+    bias."""
     w = sd[p + ".weight"]
     if p + ".conv_offset.weight" in sd:
-        off = F.conv2d(x, sd[p + ".conv_offset.weight"], sd[p + ".conv_offset.bias"], stride=stride, padding=1)
+        off = F.conv2d(
+            x, sd[p + ".conv_offset.weight"], sd[p + ".conv_offset.bias"], stride=stride, padding=1
+        )
         return deform_conv2d(x, off, w, stride=stride, padding=1)
     return F.conv2d(x, w, stride=stride, padding=1, groups=x.shape[1] // w.shape[1])
 
@@ -166,7 +184,11 @@ def ref_resnet(x, sd, blocks):
             y = F.relu(ref_bn(ref_conv3x3(y, sd, p + "conv2", stride), sd, p + "bn2"))
             y = ref_bn(F.conv2d(y, sd[p + "conv3.weight"]), sd, p + "bn3")
             if p + "downsample.0.weight" in sd:
-                x = ref_bn(F.conv2d(x, sd[p + "downsample.0.weight"], stride=stride), sd, p + "downsample.1")
+                x = ref_bn(
+                    F.conv2d(x, sd[p + "downsample.0.weight"], stride=stride),
+                    sd,
+                    p + "downsample.1",
+                )
             x = F.relu(y + x)
         outs.append(x)
     return outs
@@ -174,7 +196,11 @@ def ref_resnet(x, sd, blocks):
 
 def ref_res2net(x, sd, blocks, scales=4):
     """MMDetection Res2Net v1d(-DCN) from its keys; returns [C2, C3, C4, C5]."""
-    for conv, bn, stride in (("stem.0", "stem.1", 2), ("stem.3", "stem.4", 1), ("stem.6", "stem.7", 1)):
+    for conv, bn, stride in (
+        ("stem.0", "stem.1", 2),
+        ("stem.3", "stem.4", 1),
+        ("stem.6", "stem.7", 1),
+    ):
         x = F.relu(ref_bn(F.conv2d(x, sd[conv + ".weight"], stride=stride, padding=1), sd, bn))
     x = F.max_pool2d(x, 3, 2, 1)
     outs = []
@@ -186,10 +212,15 @@ def ref_res2net(x, sd, blocks, scales=4):
             spx = torch.split(y, y.shape[1] // scales, 1)
             parts = []
             for j in range(scales - 1):
-                sp = spx[j] if (j == 0 or stage) else sp + spx[j]
-                sp = F.relu(ref_bn(ref_conv3x3(sp, sd, p + f"convs.{j}", stride), sd, p + f"bns.{j}"))
+                # parts[-1]: the previous split's output
+                sp = spx[j] if (j == 0 or stage) else parts[-1] + spx[j]
+                sp = F.relu(
+                    ref_bn(ref_conv3x3(sp, sd, p + f"convs.{j}", stride), sd, p + f"bns.{j}")
+                )
                 parts.append(sp)
-            parts.append(F.avg_pool2d(spx[-1], 3, stride, 1) if (stage and stride != 1) else spx[-1])
+            parts.append(
+                F.avg_pool2d(spx[-1], 3, stride, 1) if (stage and stride != 1) else spx[-1]
+            )
             y = ref_bn(F.conv2d(torch.cat(parts, 1), sd[p + "conv3.weight"]), sd, p + "bn3")
             if p + "downsample.1.weight" in sd:
                 x = F.avg_pool2d(x, stride, stride, ceil_mode=True, count_include_pad=False)
@@ -201,17 +232,40 @@ def ref_res2net(x, sd, blocks, scales=4):
 
 def ref_fpn(c3, c4, c5, sd):
     """MMDetection FPN (start_level 1, add_extra_convs='on_output', no ReLU before P7): [P3..P7]."""
-    lat = [F.conv2d(c, sd[f"neck.lateral_convs.{i}.conv.weight"], sd[f"neck.lateral_convs.{i}.conv.bias"]) for i, c in enumerate((c3, c4, c5))]
+    lat = [
+        F.conv2d(
+            c, sd[f"neck.lateral_convs.{i}.conv.weight"], sd[f"neck.lateral_convs.{i}.conv.bias"]
+        )
+        for i, c in enumerate((c3, c4, c5))
+    ]
     for i in (2, 1):
         lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
-    outs = [F.conv2d(l, sd[f"neck.fpn_convs.{i}.conv.weight"], sd[f"neck.fpn_convs.{i}.conv.bias"], padding=1) for i, l in enumerate(lat)]
-    p6 = F.conv2d(outs[-1], sd["neck.fpn_convs.3.conv.weight"], sd["neck.fpn_convs.3.conv.bias"], stride=2, padding=1)
-    p7 = F.conv2d(p6, sd["neck.fpn_convs.4.conv.weight"], sd["neck.fpn_convs.4.conv.bias"], stride=2, padding=1)
+    outs = [
+        F.conv2d(
+            x, sd[f"neck.fpn_convs.{i}.conv.weight"], sd[f"neck.fpn_convs.{i}.conv.bias"], padding=1
+        )
+        for i, x in enumerate(lat)
+    ]
+    p6 = F.conv2d(
+        outs[-1],
+        sd["neck.fpn_convs.3.conv.weight"],
+        sd["neck.fpn_convs.3.conv.bias"],
+        stride=2,
+        padding=1,
+    )
+    p7 = F.conv2d(
+        p6,
+        sd["neck.fpn_convs.4.conv.weight"],
+        sd["neck.fpn_convs.4.conv.bias"],
+        stride=2,
+        padding=1,
+    )
     return outs + [p6, p7]
 
 
 def ref_head(features, sd, num_classes=80, reg_max=16):
-    """The authors' GFocalV2 head from its keys: per level (cls logits (first C), box logits, DGQP logit)."""
+    """The authors' GFocalV2 head from its keys: per level (cls logits (first C), box logits, DGQP
+    logit)."""
     results = []
     for lvl, x in enumerate(features):
         towers = {}
@@ -219,10 +273,24 @@ def ref_head(features, sd, num_classes=80, reg_max=16):
             y = x
             for i in range(4):
                 y = F.conv2d(y, sd[f"bbox_head.{t}.{i}.conv.weight"], padding=1)
-                y = F.relu(F.group_norm(y, 32, sd[f"bbox_head.{t}.{i}.gn.weight"], sd[f"bbox_head.{t}.{i}.gn.bias"]))
+                y = F.relu(
+                    F.group_norm(
+                        y, 32, sd[f"bbox_head.{t}.{i}.gn.weight"], sd[f"bbox_head.{t}.{i}.gn.bias"]
+                    )
+                )
             towers[t] = y
-        cls = F.conv2d(towers["cls_convs"], sd["bbox_head.gfl_cls.weight"], sd["bbox_head.gfl_cls.bias"], padding=1)
-        box = F.conv2d(towers["reg_convs"], sd["bbox_head.gfl_reg.weight"], sd["bbox_head.gfl_reg.bias"], padding=1)
+        cls = F.conv2d(
+            towers["cls_convs"],
+            sd["bbox_head.gfl_cls.weight"],
+            sd["bbox_head.gfl_cls.bias"],
+            padding=1,
+        )
+        box = F.conv2d(
+            towers["reg_convs"],
+            sd["bbox_head.gfl_reg.weight"],
+            sd["bbox_head.gfl_reg.bias"],
+            padding=1,
+        )
         box = box * sd[f"bbox_head.scales.{lvl}.scale"]
         q = None
         if "bbox_head.reg_conf.0.weight" in sd:
@@ -230,7 +298,9 @@ def ref_head(features, sd, num_classes=80, reg_max=16):
             prob = box.reshape(N, 4, reg_max + 1, H, W).softmax(2)
             top = prob.topk(4, dim=2).values
             stat = torch.cat([top, top.mean(2, keepdim=True)], 2).reshape(N, 20, H, W)
-            q = F.relu(F.conv2d(stat, sd["bbox_head.reg_conf.0.weight"], sd["bbox_head.reg_conf.0.bias"]))
+            q = F.relu(
+                F.conv2d(stat, sd["bbox_head.reg_conf.0.weight"], sd["bbox_head.reg_conf.0.bias"])
+            )
             q = F.conv2d(q, sd["bbox_head.reg_conf.2.weight"], sd["bbox_head.reg_conf.2.bias"])
         results.append((cls[:, :num_classes], box, q))
     return results
@@ -293,13 +363,17 @@ def test_imagenet_torchvision_resnet_matches_torchvision(tmp_path, groups, width
     model = build_gfocal_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
     ckpt = torch.load(dst, weights_only=True)["model"]
     assert all(k.startswith("backbone.bottom_up.") for k in ckpt)
-    missing, unexpected = model.load_state_dict({k[len("backbone.bottom_up.") :]: v for k, v in ckpt.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k[len("backbone.bottom_up.") :]: v for k, v in ckpt.items()}, strict=False
+    )
     assert not unexpected and not [k for k in missing if not k.endswith("num_batches_tracked")]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ours = model(x)
         y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
-        for name, layer in zip(("res2", "res3", "res4", "res5"), (tv.layer1, tv.layer2, tv.layer3, tv.layer4)):
+        for name, layer in zip(
+            ("res2", "res3", "res4", "res5"), (tv.layer1, tv.layer2, tv.layer3, tv.layer4)
+        ):
             y = layer(y)
             close(ours[name], y)
 
@@ -309,7 +383,14 @@ def test_imagenet_res2net_matches_reference(tmp_path, naming):
     sd = mmdet_res2net_backbone(50)
     src_sd = dict(sd)
     if naming == "original":  # the Res2Net authors' release: conv1.{0,1,3,4,6} + bn1
-        rename = {"stem.0": "conv1.0", "stem.1": "conv1.1", "stem.3": "conv1.3", "stem.4": "conv1.4", "stem.6": "conv1.6", "stem.7": "bn1"}
+        rename = {
+            "stem.0": "conv1.0",
+            "stem.1": "conv1.1",
+            "stem.3": "conv1.3",
+            "stem.4": "conv1.4",
+            "stem.6": "conv1.6",
+            "stem.7": "bn1",
+        }
         src_sd = {}
         for k, v in sd.items():
             head, _, rest = k.partition(".")
@@ -329,7 +410,9 @@ def test_imagenet_res2net_matches_reference(tmp_path, naming):
     cfg = convert.build_target_cfg(convert.detect_backbone(sd), detector=False)
     model = build_gfocal_res2net_backbone(cfg, ShapeSpec(channels=3)).eval()
     ckpt = torch.load(dst, weights_only=True)["model"]
-    model.load_state_dict({k[len("backbone.bottom_up.") :]: v for k, v in ckpt.items()}, strict=False)
+    model.load_state_dict(
+        {k[len("backbone.bottom_up.") :]: v for k, v in ckpt.items()}, strict=False
+    )
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ours = model(x)
@@ -352,7 +435,7 @@ def test_mmdet_gfocalv2_r50_dcn_matches_reference(tmp_path):
     report = convert_file("mmdet", src, dst, config_file=config, opts=opts)
     assert not report.problems
     assert any("dropped the last one" in n for n in report.notes)
-    assert ("bbox_head.integral.project" in {k for k, _ in report.dropped})
+    assert "bbox_head.integral.project" in {k for k, _ in report.dropped}
 
     model = load_model(dst, config, opts)
     converted = assert_loaded(model, dst)
@@ -406,9 +489,7 @@ def test_mmdet_gflv1_without_dgqp(tmp_path):
     dst = str(tmp_path / "d2.pth")
     report = convert_file("mmdet", src, dst, arch="r50")
     assert not report.problems and not any("dropped the last one" in n for n in report.notes)
-    model = load_model(
-        dst, os.path.join(REPO, "configs/COCO-Detection/gfl_R_50_FPN_1x.yaml")
-    )
+    model = load_model(dst, os.path.join(REPO, "configs/COCO-Detection/gfl_R_50_FPN_1x.yaml"))
     assert model.head.dgqp is None
     assert_loaded(model, dst)
     sd = ckpt["state_dict"]
@@ -434,7 +515,9 @@ def test_unmatched_source_key_is_reported(tmp_path, r50_checkpoint):
     ckpt = {"state_dict": dict(r50_checkpoint["state_dict"]), "meta": r50_checkpoint["meta"]}
     ckpt["state_dict"]["bbox_head.extra_thing.weight"] = torch.zeros(3)
     src = save(tmp_path, "x.pth", ckpt)
-    with pytest.raises(ConversionError, match=r"unmatched source key bbox_head\.extra_thing\.weight"):
+    with pytest.raises(
+        ConversionError, match=r"unmatched source key bbox_head\.extra_thing\.weight"
+    ):
         convert_file("mmdet", src, str(tmp_path / "d2.pth"))
     report = convert_file("mmdet", src, str(tmp_path / "d2.pth"), strict=False)
     assert report.unmatched == ["bbox_head.extra_thing.weight"]
@@ -449,21 +532,28 @@ def test_missing_model_key_is_reported(tmp_path, r50_checkpoint):
     with pytest.raises(ConversionError) as e:
         convert_file("mmdet", src, str(tmp_path / "d2.pth"))
     assert "target model key head.scales.2.scale not filled" in str(e.value)
-    assert "target model key backbone.bottom_up.res4.1.conv2.norm.running_var not filled" in str(e.value)
+    assert "target model key backbone.bottom_up.res4.1.conv2.norm.running_var not filled" in str(
+        e.value
+    )
 
 
 def test_shape_mismatch_names_the_key(tmp_path, r50_checkpoint):
     sd = dict(r50_checkpoint["state_dict"])
     sd["neck.fpn_convs.1.conv.weight"] = torch.zeros(256, 256, 1, 1)
     src = save(tmp_path, "x.pth", {"state_dict": sd, "meta": r50_checkpoint["meta"]})
-    with pytest.raises(ConversionError, match=r"backbone\.fpn_output4\.weight \(from source key neck\.fpn_convs\.1\.conv\.weight\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"backbone\.fpn_output4\.weight \(from source key neck\.fpn_convs\.1\.conv\.weight\)",
+    ):
         convert_file("mmdet", src, str(tmp_path / "d2.pth"))
 
 
 def test_classifier_channel_count_checked(tmp_path, r50_checkpoint):
     sd = dict(r50_checkpoint["state_dict"])
     src = save(tmp_path, "x.pth", {"state_dict": sd, "meta": {}})
-    with pytest.raises(ConversionError, match=r"bbox_head\.gfl_cls\.weight: 81 output channels, expected 20"):
+    with pytest.raises(
+        ConversionError, match=r"bbox_head\.gfl_cls\.weight: 81 output channels, expected 20"
+    ):
         convert_file("mmdet", src, str(tmp_path / "d2.pth"), num_classes=20)
 
 
@@ -479,7 +569,9 @@ def test_cli(tmp_path, r50_checkpoint):
     assert convert.main(["mmdet", src, dst, "--arch", "r50"]) == 0
     state, _ = load_source(dst)
     assert state["head.cls_score.bias"].shape == (80,)
-    assert torch.equal(state["head.cls_score.bias"], r50_checkpoint["state_dict"]["bbox_head.gfl_cls.bias"][:80])
+    assert torch.equal(
+        state["head.cls_score.bias"], r50_checkpoint["state_dict"]["bbox_head.gfl_cls.bias"][:80]
+    )
     assert not any(k.endswith("num_batches_tracked") for k in state)
     bad = save(tmp_path, "bad.pth", {"state_dict": {"foo.weight": torch.zeros(1)}})
     assert convert.main(["mmdet", bad, dst]) == 1
@@ -493,14 +585,22 @@ PUBLISHED = {
     "gfocalv2_R_101_FPN_ms2x.yaml": ("resnet", 101, 1, 64, (False,) * 4, True),
     "gfocalv2_R_101_dcnv2_FPN_ms2x.yaml": ("resnet", 101, 1, 64, (False, True, True, True), True),
     "gfocalv2_X_101_dcnv2_FPN_ms2x.yaml": ("resnet", 101, 32, 4, (False, False, True, True), True),
-    "gfocalv2_R2_101_dcnv2_FPN_ms2x.yaml": ("res2net", 101, 1, 26, (False, False, True, True), True),
+    "gfocalv2_R2_101_dcnv2_FPN_ms2x.yaml": (
+        "res2net",
+        101,
+        1,
+        26,
+        (False, False, True, True),
+        True,
+    ),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(PUBLISHED))
 def test_published_configs_take_the_reference_architecture(tmp_path, config):
-    """A checkpoint shaped like the authors' release for each row converts into its config with no gaps."""
+    """A checkpoint shaped like the authors' release for each row converts into its config with no
+    gaps."""
     family, depth, groups, width, dcn, v2 = PUBLISHED[config]
     if family == "res2net":
         backbone = mmdet_res2net_backbone(depth, dcn=dcn)
@@ -519,6 +619,12 @@ def test_published_configs_take_the_reference_architecture(tmp_path, config):
 def test_imagenet_into_deformable_config_keeps_zero_offsets(tmp_path):
     src = save(tmp_path, "tv.pth", torchvision_model(50).state_dict())
     config = os.path.join(REPO, "configs/COCO-Detection/gfocalv2_R_101_dcnv2_FPN_ms2x.yaml")
-    report = convert_file("imagenet", src, str(tmp_path / "d2.pth"), config_file=config, opts=["MODEL.RESNETS.DEPTH", "50"])
+    report = convert_file(
+        "imagenet",
+        src,
+        str(tmp_path / "d2.pth"),
+        config_file=config,
+        opts=["MODEL.RESNETS.DEPTH", "50"],
+    )
     assert not report.problems
     assert any("conv2_offset" in n and "zero init" in n for n in report.notes)

@@ -1,4 +1,5 @@
 """python -m gfocalv2.demo: images (files, directories, globs), bad inputs, video."""
+
 import os
 import shutil
 
@@ -26,12 +27,25 @@ def setup(tiny_digits, tmp_path_factory):
     weights = root / "model.pth"
     DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("model")
     assert weights.exists()
-    return {"root": root, "images": data["val"][1], "register": register, "opts": opts + ["MODEL.WEIGHTS", str(weights)]}
+    return {
+        "root": root,
+        "images": data["val"][1],
+        "register": register,
+        "opts": opts + ["MODEL.WEIGHTS", str(weights)],
+    }
 
 
 def _argv(setup, *extra):
-    return ["--config-file", str(DIGITS_CONFIG), *setup["register"], *extra, "--confidence-threshold", "0.0",
-            "--opts", *map(str, setup["opts"])]
+    return [
+        "--config-file",
+        str(DIGITS_CONFIG),
+        *setup["register"],
+        *extra,
+        "--confidence-threshold",
+        "0.0",
+        "--opts",
+        *map(str, setup["opts"]),
+    ]
 
 
 def test_demo_writes_images_for_files_dirs_and_globs(setup, tmp_path):
@@ -43,9 +57,14 @@ def test_demo_writes_images_for_files_dirs_and_globs(setup, tmp_path):
     out = tmp_path / "out"
     argv = _argv(
         setup,
-        "--input", os.path.join(images, "000001.png"), str(other), os.path.join(images, "00000[23].png"),
-        str(tmp_path / "missing.png"), str(tmp_path / "broken.png"),
-        "--output", str(out),
+        "--input",
+        os.path.join(images, "000001.png"),
+        str(other),
+        os.path.join(images, "00000[23].png"),
+        str(tmp_path / "missing.png"),
+        str(tmp_path / "broken.png"),
+        "--output",
+        str(out),
     )
     assert demo.main(argv) == 0
     written = sorted(os.listdir(out))
@@ -59,12 +78,21 @@ def test_demo_writes_images_for_files_dirs_and_globs(setup, tmp_path):
 
 def test_demo_single_image_to_file(setup, tmp_path):
     out = tmp_path / "sub" / "pred.jpg"
-    assert demo.main(_argv(setup, "--input", os.path.join(setup["images"], "000000.png"), "--output", str(out))) == 0
+    assert (
+        demo.main(
+            _argv(
+                setup, "--input", os.path.join(setup["images"], "000000.png"), "--output", str(out)
+            )
+        )
+        == 0
+    )
     assert out.is_file()
 
 
 def test_expand_inputs_names_the_problems(setup, tmp_path):
-    files, problems = demo.expand_inputs([setup["images"], str(tmp_path / "nope.jpg"), str(tmp_path / "*.jpg")])
+    files, problems = demo.expand_inputs(
+        [setup["images"], str(tmp_path / "nope.jpg"), str(tmp_path / "*.jpg")]
+    )
     assert len(files) == 4
     assert [p[0] for p in problems] == [str(tmp_path / "nope.jpg"), str(tmp_path / "*.jpg")]
     assert "does not exist" in problems[0][1] and "matches no file" in problems[1][1]
@@ -72,12 +100,33 @@ def test_expand_inputs_names_the_problems(setup, tmp_path):
 
 def test_demo_fails_when_nothing_is_readable(setup, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
-    assert demo.main(_argv(setup, "--input", str(tmp_path / "bad.png"), str(tmp_path / "none"), "--output", str(tmp_path))) == 1
+    assert (
+        demo.main(
+            _argv(
+                setup,
+                "--input",
+                str(tmp_path / "bad.png"),
+                str(tmp_path / "none"),
+                "--output",
+                str(tmp_path),
+            )
+        )
+        == 1
+    )
 
 
 def test_demo_missing_weights_are_named(setup, tmp_path):
-    argv = ["--config-file", str(DIGITS_CONFIG), "--input", setup["images"], "--opts", "MODEL.DEVICE", "cpu",
-            "MODEL.WEIGHTS", str(tmp_path / "absent.pth")]
+    argv = [
+        "--config-file",
+        str(DIGITS_CONFIG),
+        "--input",
+        setup["images"],
+        "--opts",
+        "MODEL.DEVICE",
+        "cpu",
+        "MODEL.WEIGHTS",
+        str(tmp_path / "absent.pth"),
+    ]
     with pytest.raises(FileNotFoundError, match="absent.pth"):
         demo.main(argv)
 
@@ -111,8 +160,13 @@ def test_demo_warns_when_class_names_are_unknown(setup, tmp_path):
     logger = logging.getLogger("gfocalv2.demo")
     logger.addHandler(handler)
     try:
-        argv = _argv(setup, "--input", os.path.join(setup["images"], "000000.png"),
-                     "--output", str(tmp_path / "out"))
+        argv = _argv(
+            setup,
+            "--input",
+            os.path.join(setup["images"], "000000.png"),
+            "--output",
+            str(tmp_path / "out"),
+        )
         argv += ["DATASETS.TEST", "('unregistered_val',)", "DATASETS.TRAIN", "()"]
         assert demo.main(argv) == 0
     finally:
@@ -129,8 +183,13 @@ def test_digit_scenes_demo_script_help(tmp_path):
     from tests.utils.workflow import REPO
 
     script = REPO / "projects" / "DigitScenes" / "demo.py"
-    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                         timeout=120, cwd=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert out.returncode == 0, out.stderr
     for flag in ("--config-file", "--input", "--register-coco", "--opts", "--data-root"):
         assert flag in out.stdout, flag

@@ -1,5 +1,6 @@
 """Inference on extreme inputs: 1x1, very large, gray, RGBA, extreme aspect ratios, through
 the model, the Predictor (DefaultPredictor replacement) and the demo tool."""
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,10 @@ EXTREME = {
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     out = tmp_path_factory.mktemp("infer")
-    return build_cfg(str(DIGITS_CONFIG), tiny_opts(out, "x", "y") + ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
+    return build_cfg(
+        str(DIGITS_CONFIG),
+        tiny_opts(out, "x", "y") + ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,10 @@ def test_rgba_drops_alpha_and_gray_equals_replicated_rgb(predictor):
     a, b = predictor(rgb)["instances"], predictor(rgba)["instances"]
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
     gray = rgb[:, :, 0]
-    a, b = predictor(gray)["instances"], predictor(np.repeat(gray[:, :, None], 3, axis=2))["instances"]
+    a, b = (
+        predictor(gray)["instances"],
+        predictor(np.repeat(gray[:, :, None], 3, axis=2))["instances"],
+    )
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
 
 
@@ -88,7 +95,10 @@ def test_model_directly_on_tiny_and_thin_images(cfg):
             _check(out, h, w)
     model.train()
     batch = [
-        {"image": torch.rand(3, 1, 300) * 255, "instances": instances((1, 300), torch.zeros(0, 4), [])},
+        {
+            "image": torch.rand(3, 1, 300) * 255,
+            "instances": instances((1, 300), torch.zeros(0, 4), []),
+        },
         {"image": torch.rand(3, 8, 8) * 255, "instances": instances((8, 8), [[0, 0, 8, 8]], [1])},
     ]
     losses = model(batch)
@@ -100,10 +110,17 @@ def test_training_mapper_on_extreme_aspect_ratio(cfg, tmp_path):
 
     path = tmp_path / "thin.png"
     Image.fromarray(np.full((2, 3000, 3), 128, np.uint8)).save(path)
-    record = {"file_name": str(path), "height": 2, "width": 3000, "image_id": 1,
-              "annotations": [{"bbox": [10, 0, 500, 2], "bbox_mode": 1, "category_id": 0, "iscrowd": 0}]}
+    record = {
+        "file_name": str(path),
+        "height": 2,
+        "width": 3000,
+        "image_id": 1,
+        "annotations": [{"bbox": [10, 0, 500, 2], "bbox_mode": 1, "category_id": 0, "iscrowd": 0}],
+    }
     out = RobustDatasetMapper(cfg, True)(record)
-    assert out["image"].shape[1] >= 1 and out["image"].shape[2] == 64  # long side at MAX_SIZE_TRAIN, short side >= 1
+    assert (
+        out["image"].shape[1] >= 1 and out["image"].shape[2] == 64
+    )  # long side at MAX_SIZE_TRAIN, short side >= 1
 
 
 def test_demo_tool_on_gray_rgba_tiny_and_thin_files(cfg, tmp_path):
@@ -117,17 +134,42 @@ def test_demo_tool_on_gray_rgba_tiny_and_thin_files(cfg, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     rng = np.random.default_rng(2)
-    Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), mode="L").save(inputs / "gray.png")
-    Image.fromarray(rng.integers(0, 255, (40, 30, 4), dtype=np.uint8), mode="RGBA").save(inputs / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), mode="L").save(
+        inputs / "gray.png"
+    )
+    Image.fromarray(rng.integers(0, 255, (40, 30, 4), dtype=np.uint8), mode="RGBA").save(
+        inputs / "rgba.png"
+    )
     Image.fromarray(rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)).save(inputs / "one.png")
     Image.fromarray(rng.integers(0, 255, (2, 2000, 3), dtype=np.uint8)).save(inputs / "thin.png")
     Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint16)).save(inputs / "gray16.png")
     out = tmp_path / "out"
     status = demo.main(
-        ["--config-file", str(DIGITS_CONFIG), "--input", str(inputs), "--output", str(out), "--opts",
-         "MODEL.WEIGHTS", str(weights_dir / "model.pth"), "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64",
-         "INPUT.MAX_SIZE_TEST", "64", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.GFOCAL.NUM_CONVS", "1",
-         "DATASETS.TEST", "()", "DATASETS.TRAIN", "()"]
+        [
+            "--config-file",
+            str(DIGITS_CONFIG),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            "--opts",
+            "MODEL.WEIGHTS",
+            str(weights_dir / "model.pth"),
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "INPUT.MAX_SIZE_TEST",
+            "64",
+            "MODEL.FPN.OUT_CHANNELS",
+            "32",
+            "MODEL.GFOCAL.NUM_CONVS",
+            "1",
+            "DATASETS.TEST",
+            "()",
+            "DATASETS.TRAIN",
+            "()",
+        ]
     )
     assert status == 0
     for name in ("gray.png", "rgba.png", "one.png", "thin.png", "gray16.png"):

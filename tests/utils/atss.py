@@ -1,5 +1,6 @@
 """ATSS helpers shared by the ATSS tests: anchors on a grid, random boxes, and a slow,
 per-ground-truth reference assignment written from the paper."""
+
 import math
 
 import torch
@@ -30,15 +31,18 @@ def iou(a, b):
 def atss_reference(levels, gts, topk=9):
     """One image. Returns (matched_idx, is_pos) lists over all anchors."""
     anchors = [a.tolist() for lvl in levels for a in lvl]
-    level_of = [l for l, lvl in enumerate(levels) for _ in range(len(lvl))]
+    level_of = [j for j, lvl in enumerate(levels) for _ in range(len(lvl))]
     A = len(anchors)
     best = [(-math.inf, 0)] * A
     for g, box in enumerate(gts):
         gcx, gcy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         candidates = []
-        for l in range(len(levels)):
-            idx = [i for i in range(A) if level_of[i] == l]
-            dist = lambda i: ((anchors[i][0] + anchors[i][2]) / 2 - gcx) ** 2 + ((anchors[i][1] + anchors[i][3]) / 2 - gcy) ** 2
+        for j in range(len(levels)):
+            idx = [i for i in range(A) if level_of[i] == j]
+            dist = lambda i, gcx=gcx, gcy=gcy: (
+                ((anchors[i][0] + anchors[i][2]) / 2 - gcx) ** 2
+                + ((anchors[i][1] + anchors[i][3]) / 2 - gcy) ** 2
+            )
             candidates += sorted(idx, key=lambda i: (dist(i), i))[:topk]  # ties: lowest index
         ious = [iou(anchors[i], box) for i in candidates]
         mean = sum(ious) / len(ious)

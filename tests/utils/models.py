@@ -1,5 +1,6 @@
 """Helpers shared by the model tests: tiny configs, synthetic inputs, a tiny model that
 answers like a trained one."""
+
 import os
 
 import torch
@@ -41,15 +42,24 @@ def gfocal_cfg(*opts, tiny=False):
     if tiny:
         cfg.merge_from_list(
             [
-                "MODEL.RESNETS.DEPTH", 18,
-                "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-                "MODEL.RESNETS.NORM", "GN",
-                "MODEL.BACKBONE.FREEZE_AT", 0,
-                "MODEL.FPN.OUT_CHANNELS", 64,
-                "MODEL.GFOCAL.NUM_CONVS", 1,
-                "MODEL.GFOCAL.NUM_CLASSES", 3,
-                "MODEL.GFOCAL.REG_MAX", 8,
-                "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]],
+                "MODEL.RESNETS.DEPTH",
+                18,
+                "MODEL.RESNETS.RES2_OUT_CHANNELS",
+                64,
+                "MODEL.RESNETS.NORM",
+                "GN",
+                "MODEL.BACKBONE.FREEZE_AT",
+                0,
+                "MODEL.FPN.OUT_CHANNELS",
+                64,
+                "MODEL.GFOCAL.NUM_CONVS",
+                1,
+                "MODEL.GFOCAL.NUM_CLASSES",
+                3,
+                "MODEL.GFOCAL.REG_MAX",
+                8,
+                "MODEL.ANCHOR_GENERATOR.SIZES",
+                [[32], [64], [128], [256], [512]],
             ]
         )
     cfg.merge_from_list(list(opts))
@@ -68,7 +78,10 @@ def random_input(g, h, w, num_boxes, num_classes):
     wh = torch.rand(num_boxes, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
     boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([float(w), float(h)]))], 1)
     classes = torch.randint(0, num_classes, (num_boxes,), generator=g)
-    return {"image": torch.rand(3, h, w, generator=g) * 255, "instances": instances((h, w), boxes, classes)}
+    return {
+        "image": torch.rand(3, h, w, generator=g) * 255,
+        "instances": instances((h, w), boxes, classes),
+    }
 
 
 def varied_model():

@@ -2,10 +2,11 @@
 a fault injector, and step functions run in each process by ``gfocalv2.engine.distributed.launch``.
 
 Run ``python -m tests.utils.multiprocess [train_net.py arguments]`` (:data:`HARNESS`, from the
-repository root) to train with a fault injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION``: that rank's training forward pass at that
-iteration returns NaN losses (KIND ``nan``) or raises (``error``), or its evaluation after that
-iteration raises (``eval``).
+repository root) to train with a fault injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION``:
+that rank's training forward pass at that iteration returns NaN losses (KIND ``nan``) or raises
+(``error``), or its evaluation after that iteration raises (``eval``).
 """
+
 import os
 import signal
 import subprocess
@@ -17,22 +18,67 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: ``python -m HARNESS [train_net.py arguments]``: train_net.main with the faults of this module.
 HARNESS = "tests.utils.multiprocess"
 
-DIGITS_CONFIG = os.path.join(REPO, "projects", "DigitScenes", "configs", "gfocalv2_R_18_digits.yaml")
+DIGITS_CONFIG = os.path.join(
+    REPO, "projects", "DigitScenes", "configs", "gfocalv2_R_18_digits.yaml"
+)
 
 
 def run_opts(data, out, max_iter=6, ims_per_batch=4, extra=()):
-    """train_net.py arguments: the DigitScenes model (head on P3-P5, naiveSyncBN) shrunk to 64 px."""
+    """train_net.py arguments: the DigitScenes model (head on P3-P5, naiveSyncBN) shrunk to 64
+    px."""
     train, val = data["train"], data["val"]
     return [
-        "--config-file", DIGITS_CONFIG,
-        "--register-coco", "mp_train", *train, "--register-coco", "mp_val", *val,
-        "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('mp_train',)", "DATASETS.TEST", "('mp_val',)",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
-        "INPUT.MAX_SIZE_TEST", "64", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.GFOCAL.NUM_CONVS", "1",
-        "MODEL.GFOCAL.SCORE_THRESH_TEST", "0.0", "MODEL.GFOCAL.DETECTIONS_PER_IMAGE", "20",
-        "SOLVER.IMS_PER_BATCH", str(ims_per_batch), "SOLVER.BASE_LR", "0.005", "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.STEPS", "(4,)", "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "3",
-        "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "SEED", "0", "OUTPUT_DIR", str(out), *extra,
+        "--config-file",
+        DIGITS_CONFIG,
+        "--register-coco",
+        "mp_train",
+        *train,
+        "--register-coco",
+        "mp_val",
+        *val,
+        "MODEL.DEVICE",
+        "cpu",
+        "DATASETS.TRAIN",
+        "('mp_train',)",
+        "DATASETS.TEST",
+        "('mp_val',)",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "64",
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        "INPUT.MAX_SIZE_TEST",
+        "64",
+        "MODEL.FPN.OUT_CHANNELS",
+        "32",
+        "MODEL.GFOCAL.NUM_CONVS",
+        "1",
+        "MODEL.GFOCAL.SCORE_THRESH_TEST",
+        "0.0",
+        "MODEL.GFOCAL.DETECTIONS_PER_IMAGE",
+        "20",
+        "SOLVER.IMS_PER_BATCH",
+        str(ims_per_batch),
+        "SOLVER.BASE_LR",
+        "0.005",
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        "SOLVER.STEPS",
+        "(4,)",
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "3",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "SEED",
+        "0",
+        "OUTPUT_DIR",
+        str(out),
+        *extra,
     ]
 
 
@@ -54,19 +100,24 @@ def start(argv, script="train_net.py", env=None, module=None):
         command = [os.path.join(REPO, script)] if script else []
     return subprocess.Popen(
         [sys.executable, *command, *argv],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
         env=_env(env),
     )
 
 
 def finish(proc, timeout):
-    """``(exit code, output)``; a run past ``timeout`` seconds is killed with its children and fails."""
+    """``(exit code, output)``; a run past ``timeout`` seconds is killed with its children and
+    fails."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"did not finish within {timeout} s (hang?):\n{out[-4000:]}")
+        raise AssertionError(f"did not finish within {timeout} s (hang?):\n{out[-4000:]}") from None
     return proc.returncode, out
 
 
@@ -76,7 +127,7 @@ def run(argv, timeout, script="train_net.py", env=None, module=None):
     return code, out, time.monotonic() - start_time
 
 
-# --------------------------------------------------------------------- fault injection (in each process)
+# -------------------------------------------------------------- fault injection (in each process)
 def _inject_fault(kind, rank, iteration):
     from detectron2.utils import comm
     from detectron2.utils.events import get_event_storage
@@ -86,10 +137,22 @@ def _inject_fault(kind, rank, iteration):
     forward = GFocalV2.forward
 
     def faulty(self, batched_inputs):
-        if kind == "eval" and not self.training and comm.get_rank() == rank and get_event_storage().iter == iteration:
-            raise RuntimeError(f"injected evaluation failure on rank {rank} after iteration {iteration}")
+        if (
+            kind == "eval"
+            and not self.training
+            and comm.get_rank() == rank
+            and get_event_storage().iter == iteration
+        ):
+            raise RuntimeError(
+                f"injected evaluation failure on rank {rank} after iteration {iteration}"
+            )
         out = forward(self, batched_inputs)
-        if kind != "eval" and self.training and comm.get_rank() == rank and get_event_storage().iter == iteration:
+        if (
+            kind != "eval"
+            and self.training
+            and comm.get_rank() == rank
+            and get_event_storage().iter == iteration
+        ):
             if kind == "nan":
                 return {k: v * float("nan") for k, v in out.items()}
             raise RuntimeError(f"injected failure on rank {rank} at iteration {iteration}")
@@ -112,7 +175,9 @@ def _record_batches(out_dir):
             self.ids = {}
 
         def after_step(self):
-            self.ids[self.trainer.iter] = [s.split(" ")[1] for s in self.trainer._guarded_model.last_batch]
+            self.ids[self.trainer.iter] = [
+                s.split(" ")[1] for s in self.trainer._guarded_model.last_batch
+            ]
 
         def after_train(self):
             with open(os.path.join(out_dir, f"batches_rank{comm.get_rank()}.json"), "w") as f:
@@ -136,10 +201,11 @@ def train_main(args):
     return train_net.main(args)
 
 
-# ------------------------------------------------------------ one step in each process (gradients, data)
+# ------------------------------------------------------- one step in each process (gradients, data)
 def one_step_worker(out_dir, images_per_process):
     """One training step of the tiny model (GroupNorm, no BatchNorm) through the DDP wrapper on this
-    process's share of 4 fixed images; rank r saves its gradients and the image ids its loader gives."""
+    process's share of 4 fixed images; rank r saves its gradients and the image ids its loader
+    gives."""
     import torch
     from detectron2.modeling import build_model
     from detectron2.utils import comm
@@ -152,13 +218,15 @@ def one_step_worker(out_dir, images_per_process):
     g = torch.Generator().manual_seed(1)
     batch = [random_input(g, 64, 64, 3, 3) for _ in range(4)]
     rank = comm.get_rank()
-    mine = batch[rank * images_per_process:(rank + 1) * images_per_process]
+    mine = batch[rank * images_per_process : (rank + 1) * images_per_process]
     ddp = create_ddp_model(model, broadcast_buffers=False)
     losses = ddp(mine)
     sum(losses.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"grads": grads, "losses": {k: v.detach() for k, v in losses.items()}},
-               os.path.join(out_dir, f"grads_rank{rank}.pth"))
+    torch.save(
+        {"grads": grads, "losses": {k: v.detach() for k, v in losses.items()}},
+        os.path.join(out_dir, f"grads_rank{rank}.pth"),
+    )
 
 
 def launch_workers(worker, num_processes, *args):

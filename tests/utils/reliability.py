@@ -1,5 +1,6 @@
 """Helpers of the reliability tests: tiny COCO datasets written on the fly (with the faults
 the tests need), a tiny fast config, and log capture independent of logger set-up."""
+
 import contextlib
 import json
 import logging
@@ -15,11 +16,21 @@ CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 5, "name": 
 #: Image sizes of both aspect-ratio groups, for the tests of the training data order.
 VARIED_SIZES = [(64, 64), (80, 48), (48, 80), (64, 64), (72, 56), (56, 72), (64, 48), (64, 64)]
 # multi-scale + flips + aspect-ratio grouping: every source of data randomness is exercised
-RANDOM_INPUT = ["INPUT.RANDOM_FLIP", "horizontal", "INPUT.MIN_SIZE_TRAIN", "(40, 48, 56, 64)",
-                "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
+RANDOM_INPUT = [
+    "INPUT.RANDOM_FLIP",
+    "horizontal",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(40, 48, 56, 64)",
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING",
+    "choice",
+    "DATALOADER.ASPECT_RATIO_GROUPING",
+    "True",
+]
 
 
-def write_coco(root, sizes=((64, 64),) * 6, boxes_per_image=2, seed=0, name="data", categories=CATEGORIES):
+def write_coco(
+    root, sizes=((64, 64),) * 6, boxes_per_image=2, seed=0, name="data", categories=CATEGORIES
+):
     """Images of the given (width, height) with bright rectangles, and their COCO json.
 
     Returns (json_path, image_dir, data) where data is the json dict (to tweak and re-dump).
@@ -34,11 +45,17 @@ def write_coco(root, sizes=((64, 64),) * 6, boxes_per_image=2, seed=0, name="dat
         for _ in range(boxes_per_image):
             bw, bh = int(rng.integers(8, max(9, w // 2))), int(rng.integers(8, max(9, h // 2)))
             x, y = int(rng.integers(0, max(1, w - bw))), int(rng.integers(0, max(1, h - bh)))
-            img[y:y + bh, x:x + bw] = rng.integers(120, 255, 3)
+            img[y : y + bh, x : x + bw] = rng.integers(120, 255, 3)
             cat = categories[int(rng.integers(0, len(categories)))]["id"]
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": i + 1, "bbox": [x, y, bw, bh], "category_id": cat,
-                 "area": bw * bh, "iscrowd": 0}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "bbox": [x, y, bw, bh],
+                    "category_id": cat,
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
             )
         Image.fromarray(img).save(os.path.join(image_dir, file_name))
         images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
@@ -69,14 +86,20 @@ def register(name, json_path, image_dir):
 def small_opts(output_dir, train, test, max_iter=4, num_classes=3, extra=()):
     """tiny_opts for our 3-class datasets."""
     return tiny_opts(output_dir, train, test, max_iter=max_iter) + [
-        "MODEL.GFOCAL.NUM_CLASSES", str(num_classes), "SEED", "7", *extra
+        "MODEL.GFOCAL.NUM_CLASSES",
+        str(num_classes),
+        "SEED",
+        "7",
+        *extra,
     ]
 
 
 def tiny_cfg(output_dir, train, test, max_iter=4, num_classes=3, extra=()):
     from gfocalv2.engine import build_cfg
 
-    return build_cfg(str(DIGITS_CONFIG), small_opts(output_dir, train, test, max_iter, num_classes, extra))
+    return build_cfg(
+        str(DIGITS_CONFIG), small_opts(output_dir, train, test, max_iter, num_classes, extra)
+    )
 
 
 def make_trainer(cfg, resume=False):

@@ -2,6 +2,7 @@
 dataset and a tiny, fast config. The repository root is on the import path (pytest's rootdir,
 ``pythonpath`` in pytest.ini), so the DigitScenes example is imported as
 ``projects.DigitScenes.digit_scenes``."""
+
 import os
 from pathlib import Path
 
@@ -36,31 +37,55 @@ def make_tiny_dataset(root):
     from projects.DigitScenes.digit_scenes import prepare
 
     root = prepare(str(root), TINY_PARAMS)
-    return {split: (os.path.join(root, f"{split}.json"), os.path.join(root, split)) for split in ("train", "val")}
+    return {
+        split: (os.path.join(root, f"{split}.json"), os.path.join(root, split))
+        for split in ("train", "val")
+    }
 
 
 def tiny_opts(output_dir, train_name="tiny_digits_train", test_name="tiny_digits_val", max_iter=4):
-    """Config overrides (KEY VALUE list) for a few fast CPU iterations at 64x64 on the tiny dataset."""
+    """Config overrides (KEY VALUE list) for a few fast CPU iterations at 64x64 on the tiny
+    dataset."""
     return [
-        "MODEL.DEVICE", "cpu",
-        "DATASETS.TRAIN", f"('{train_name}',)",
-        "DATASETS.TEST", f"('{test_name}',)",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "64",
-        "INPUT.MIN_SIZE_TEST", "64",
-        "INPUT.MAX_SIZE_TEST", "64",
-        "MODEL.FPN.OUT_CHANNELS", "32",
-        "MODEL.GFOCAL.NUM_CONVS", "1",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATASETS.TRAIN",
+        f"('{train_name}',)",
+        "DATASETS.TEST",
+        f"('{test_name}',)",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "64",
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        "INPUT.MAX_SIZE_TEST",
+        "64",
+        "MODEL.FPN.OUT_CHANNELS",
+        "32",
+        "MODEL.GFOCAL.NUM_CONVS",
+        "1",
         # keep low-score detections so that the untrained model still predicts boxes
-        "MODEL.GFOCAL.SCORE_THRESH_TEST", "0.0",
-        "MODEL.GFOCAL.DETECTIONS_PER_IMAGE", "20",
-        "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.BASE_LR", "0.005",
-        "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.STEPS", "()",
-        "SOLVER.MAX_ITER", str(max_iter),
-        "SOLVER.CHECKPOINT_PERIOD", "2",
-        "DATALOADER.NUM_WORKERS", "0",
-        "TEST.EVAL_PERIOD", "0",
-        "OUTPUT_DIR", str(output_dir),
+        "MODEL.GFOCAL.SCORE_THRESH_TEST",
+        "0.0",
+        "MODEL.GFOCAL.DETECTIONS_PER_IMAGE",
+        "20",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.BASE_LR",
+        "0.005",
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        "SOLVER.STEPS",
+        "()",
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "OUTPUT_DIR",
+        str(output_dir),
     ]

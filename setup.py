@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """gfocalv2: Generalized Focal Loss V2 (and V1) as a Detectron2 project extension."""
+
 import os
 
 from setuptools import find_packages, setup
@@ -15,11 +16,19 @@ def read_version():
     raise RuntimeError("gfocalv2/__init__.py has no __version__")
 
 
+def read_readme():
+    path = os.path.join(here, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
 setup(
     name="gfocalv2",
     version=read_version(),
     description="GFocalV2 / GFL dense object detectors for Detectron2",
-    long_description=open(os.path.join(here, "README.md")).read() if os.path.exists(os.path.join(here, "README.md")) else "",
+    long_description=read_readme(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["gfocalv2", "gfocalv2.*"]),
     package_data={"gfocalv2": ["model_zoo/configs/**/*.yaml"]},

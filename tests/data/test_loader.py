@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from tests.utils.reliability import RANDOM_INPUT, VARIED_SIZES, tiny_cfg
+from tests.utils.reliability import VARIED_SIZES, training_cfg
 
 
 @pytest.fixture(scope="module")
@@ -15,24 +15,7 @@ def dataset(coco_dataset):
 
 
 def _cfg(out, dataset, max_iter, extra=()):
-    return tiny_cfg(
-        out,
-        dataset,
-        dataset,
-        max_iter=max_iter,
-        extra=[
-            "TEST.EVAL_PERIOD",
-            "0",
-            "DATASETS.TEST",
-            "()",
-            "SOLVER.WARMUP_ITERS",
-            "3",
-            "SOLVER.STEPS",
-            "(5,)",
-            *RANDOM_INPUT,
-            *extra,
-        ],
-    )
+    return training_cfg(out, dataset, max_iter, extra)
 
 
 def test_data_order_depends_only_on_seed_and_iteration(dataset, tmp_path):

@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 from tests.utils.reliability import (
-    RANDOM_INPUT,
+    TRAINING_ONLY_OPTS,
     VARIED_SIZES,
     capture_logs,
     make_trainer,
     messages,
     tiny_cfg,
+    training_cfg,
 )
 
 from detectron2.engine import HookBase
@@ -64,24 +65,7 @@ def _same_weights(a, b):
 
 
 def _cfg(out, dataset, max_iter, extra=()):
-    return tiny_cfg(
-        out,
-        dataset,
-        dataset,
-        max_iter=max_iter,
-        extra=[
-            "TEST.EVAL_PERIOD",
-            "0",
-            "DATASETS.TEST",
-            "()",
-            "SOLVER.WARMUP_ITERS",
-            "3",
-            "SOLVER.STEPS",
-            "(5,)",
-            *RANDOM_INPUT,
-            *extra,
-        ],
-    )
+    return training_cfg(out, dataset, max_iter, extra)
 
 
 def test_resume_after_interruption_is_bit_identical(dataset, tmp_path):
@@ -336,15 +320,7 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
             meta.json_file,
             meta.image_root,
             *small_opts(out, "rel_kill", "rel_kill", max_iter=8),
-            "TEST.EVAL_PERIOD",
-            "0",
-            "DATASETS.TEST",
-            "()",
-            "SOLVER.WARMUP_ITERS",
-            "3",
-            "SOLVER.STEPS",
-            "(5,)",
-            *RANDOM_INPUT,
+            *TRAINING_ONLY_OPTS,
         ]
 
     runner = (

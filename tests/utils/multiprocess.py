@@ -25,7 +25,9 @@ DIGITS_CONFIG = os.path.join(
 
 def run_opts(data, out, max_iter=6, ims_per_batch=4, extra=()):
     """train_net.py arguments: the DigitScenes model (head on P3-P5, naiveSyncBN) shrunk to 64
-    px."""
+    px: the workflow tests' tiny overrides, with a batch to split, a step and a seed."""
+    from tests.utils.workflow import tiny_opts
+
     train, val = data["train"], data["val"]
     return [
         "--config-file",
@@ -36,48 +38,15 @@ def run_opts(data, out, max_iter=6, ims_per_batch=4, extra=()):
         "--register-coco",
         "mp_val",
         *val,
-        "MODEL.DEVICE",
-        "cpu",
-        "DATASETS.TRAIN",
-        "('mp_train',)",
-        "DATASETS.TEST",
-        "('mp_val',)",
-        "INPUT.MIN_SIZE_TRAIN",
-        "(64,)",
-        "INPUT.MAX_SIZE_TRAIN",
-        "64",
-        "INPUT.MIN_SIZE_TEST",
-        "64",
-        "INPUT.MAX_SIZE_TEST",
-        "64",
-        "MODEL.FPN.OUT_CHANNELS",
-        "32",
-        "MODEL.GFOCAL.NUM_CONVS",
-        "1",
-        "MODEL.GFOCAL.SCORE_THRESH_TEST",
-        "0.0",
-        "MODEL.GFOCAL.DETECTIONS_PER_IMAGE",
-        "20",
+        *tiny_opts(out, "mp_train", "mp_val", max_iter=max_iter),
         "SOLVER.IMS_PER_BATCH",
         str(ims_per_batch),
-        "SOLVER.BASE_LR",
-        "0.005",
-        "SOLVER.WARMUP_ITERS",
-        "2",
         "SOLVER.STEPS",
         "(4,)",
-        "SOLVER.MAX_ITER",
-        str(max_iter),
         "SOLVER.CHECKPOINT_PERIOD",
         "3",
-        "DATALOADER.NUM_WORKERS",
-        "0",
-        "TEST.EVAL_PERIOD",
-        "0",
         "SEED",
         "0",
-        "OUTPUT_DIR",
-        str(out),
         *extra,
     ]
 

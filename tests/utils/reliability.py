@@ -143,3 +143,29 @@ def capture_logs(*names):
 
 def messages(handler, level=logging.WARNING):
     return "\n".join(r.getMessage() for r in handler.records if r.levelno >= level)
+
+
+def training_cfg(out, dataset, max_iter, extra=()):
+    """:func:`tiny_cfg` for training only on ``dataset`` (no test set, no evaluation), with a
+    short warm-up, a step at iteration 5 and random-input augmentations."""
+    return tiny_cfg(
+        out,
+        dataset,
+        dataset,
+        max_iter=max_iter,
+        extra=[*TRAINING_ONLY_OPTS, *extra],
+    )
+
+
+#: The overrides of :func:`training_cfg`, for tests that build their own command line.
+TRAINING_ONLY_OPTS = [
+    "TEST.EVAL_PERIOD",
+    "0",
+    "DATASETS.TEST",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "3",
+    "SOLVER.STEPS",
+    "(5,)",
+    *RANDOM_INPUT,
+]

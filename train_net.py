@@ -26,7 +26,7 @@ from detectron2.utils import comm
 
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser
 from gfocalv2.engine.checkpoint import checkpointer_for
-from gfocalv2.engine.distributed import launch_from_args
+from gfocalv2.engine.launch import launch_from_args
 
 
 def main(args):
@@ -50,7 +50,7 @@ def main(args):
 def invoke_main():
     args = workflow_argument_parser(epilog=__doc__).parse_args()
     print("Command Line Args:", args)
-    launch_from_args(main, args)  # Detectron2's launch on CUDA; CPU processes on gloo otherwise
+    launch_from_args(main, args)  # Detectron2's launch: NCCL with CUDA, gloo without
 
 
 if __name__ == "__main__":

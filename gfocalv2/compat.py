@@ -27,6 +27,17 @@ NumPy aliases
     *Needed when* setuptools >= 81 (no ``pkg_resources``) *and*
     ``detectron2/model_zoo/model_zoo.py`` imports it (v0.6 and main alike). *Does*: a
     minimal ``pkg_resources`` with ``resource_filename``.
+``launch`` without CUDA
+    *Needed when* Detectron2's ``engine/launch.py`` asserts CUDA in its worker (v0.6; main
+    runs its workers on gloo without CUDA). *Does*: ``_distributed_worker`` is main's: NCCL with
+    CUDA, gloo without.
+DDP of a CPU model
+    *Needed when* Detectron2's ``create_ddp_model`` gives ``DistributedDataParallel``
+    ``device_ids=[local rank]`` for every model (v0.6 and main), which DDP refuses for a CPU
+    model; or when torch's DDP deprecates ``broadcast_buffers`` (what ``DefaultTrainer``
+    passes) for ``forward_sync_buffers``. *Does*: ``create_ddp_model`` (as ``DefaultTrainer``
+    calls it) leaves out ``device_ids`` for a CPU model, and passes ``broadcast_buffers`` as
+    ``forward_sync_buffers`` where torch has it (the same behaviour in the forward pass).
 quiet import
     *Needed*: always (harmless): torch deprecates ``torch.jit.script``, which fvcore's
     focal loss and Detectron2's ``box_regression`` call at import time. *Does*:
@@ -295,6 +306,68 @@ def create_local_process_group(num_workers_per_machine, machine_rank):
     return comm._LOCAL_PROCESS_GROUP
 
 
+def _distributed_worker_without_cuda(
+    local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout
+):
+    """Detectron2 v0.6's launch worker as Detectron2 after v0.6 writes it: NCCL with CUDA, gloo
+    without."""
+    import torch
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    has_gpu = torch.cuda.is_available()
+    dist.init_process_group(
+        backend="NCCL" if has_gpu else "GLOO",
+        init_method=dist_url,
+        world_size=world_size,
+        rank=machine_rank * num_gpus_per_machine + local_rank,
+        timeout=timeout,
+    )
+    create_local_process_group(num_gpus_per_machine, machine_rank)
+    if has_gpu:
+        torch.cuda.set_device(local_rank)
+    comm.synchronize()
+    main_func(*args)
+
+
+def _launch_without_cuda():
+    source = _detectron2_source("engine/launch.py")
+    if not re.search(r"assert torch\.cuda\.is_available\(\)", source):
+        return
+    launch = importlib.import_module("detectron2.engine.launch")
+    launch._distributed_worker = _distributed_worker_without_cuda
+    COMPAT_STATE["patches"].append("detectron2.engine.launch without CUDA (gloo)")
+
+
+def _ddp_of_cpu_models():
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    source = _detectron2_source("engine/defaults.py")
+    gives_device_ids = bool(
+        re.search(r"\n\s+kwargs\[\"device_ids\"\] = \[comm\.get_local_rank\(\)\]", source)
+    )
+    sync_renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    if not (gives_device_ids or sync_renamed):
+        return
+    defaults = importlib.import_module("detectron2.engine.defaults")
+    detectron2_create_ddp_model = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if gives_device_ids and "device_ids" not in kwargs:
+            if next(model.parameters()).device.type != "cuda":
+                kwargs["device_ids"] = None
+        if sync_renamed and "broadcast_buffers" in kwargs:
+            kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
+        return detectron2_create_ddp_model(model, **kwargs)
+
+    create_ddp_model.__doc__ = detectron2_create_ddp_model.__doc__
+    defaults.create_ddp_model = create_ddp_model  # the name DefaultTrainer.__init__ calls
+    importlib.import_module("detectron2.engine").create_ddp_model = create_ddp_model
+    COMPAT_STATE["patches"].append("create_ddp_model for CPU models")
+
+
 #: torch's deprecation of ``torch.jit.script`` (a FutureWarning since torch 2.1x).
 _TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.script` is deprecated"
 
@@ -374,6 +447,8 @@ def _apply():
     _quiet_comm_typed_storage()
     if not compiled:
         _fast_coco_eval_without_compiled_ops()
+    _launch_without_cuda()
+    _ddp_of_cpu_models()
     if COMPAT_STATE["patches"]:
         logger.debug("gfocalv2.compat applied: %s", ", ".join(COMPAT_STATE["patches"]))
     COMPAT_STATE["applied"] = True

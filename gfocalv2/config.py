@@ -103,6 +103,14 @@ def _add_inference_config(cfg):
     _set_default(cfg.TEST, "MEMORY_FORMAT", "auto")
 
 
+def _add_training_config(cfg):
+    # ---------------------------------------------------------- training (engine/hooks.py)
+    # SIGTERM/SIGINT stop training after an iteration, with a checkpoint. With several
+    # processes they agree on it every this many iterations (and after the last one); one
+    # process checks after every iteration.
+    _set_default(cfg.SOLVER, "STOP_CHECK_PERIOD", 10)
+
+
 def add_gfocalv2_config(cfg):
     """Add gfocalv2's keys (see the module source, one commented section each) to a
     Detectron2 config, in place, and return it. Keys already present keep their value, so
@@ -110,6 +118,7 @@ def add_gfocalv2_config(cfg):
     _add_model_config(cfg)
     _add_data_config(cfg)
     _add_inference_config(cfg)
+    _add_training_config(cfg)
     return cfg
 
 

@@ -254,17 +254,26 @@ class ResumableTrainLoader:
         self.loader = loader
         self.batch_sampler = loader.batch_sampler
         self.dataset = loader.dataset
+        self.last_batch = None  # the batch of the current iteration, for error messages
 
     @property
     def seed(self):
         return self.batch_sampler.seed
+
+    def set_seed(self, seed):
+        """Seed of the data order and of the augmentations (before the first batch only)."""
+        self.batch_sampler.set_seed(seed)
+        self.dataset.seed = int(seed)
 
     def set_start_iter(self, start_iter):
         """The first batch is the one of iteration ``start_iter`` (before the first batch only)."""
         self.batch_sampler.set_start_iter(start_iter)
 
     def __iter__(self):
-        yield from self.loader  # a generator: the DataLoader starts at the first next()
+        # a generator: the DataLoader starts at the first next()
+        for batch in self.loader:
+            self.last_batch = batch
+            yield batch
 
 
 def _trivial_batch_collator(batch):

@@ -57,9 +57,12 @@ class NonFiniteWeightsError(FloatingPointError):
 
 
 def _finite_state(state):
-    from .train_step import all_finite_tensors
-
-    return all_finite_tensors([v for v in state.values() if isinstance(v, torch.Tensor)])
+    """True if every floating-point tensor of a state dict is finite (one synchronization)."""
+    tensors = [v.detach() for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class UnreadableCheckpointError(CheckpointError):

@@ -25,12 +25,13 @@ import copy
 import logging
 
 import torch
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.layers import Conv2d
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .backbone.resnet import DeformConv2d, EvalBatchNorm2d
+from .backbone.resnet import DeformConv2d
+from .norms import statistics_fixed
 
 __all__ = [
     "fold_batchnorm",
@@ -46,18 +47,6 @@ logger = logging.getLogger(__name__)
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 #: Set on every convolution that absorbed its norm; checkpointers refuse such models.
 FOLDED_ATTR = "batchnorm_folded"
-
-
-def _has_fixed_statistics(norm: nn.Module) -> bool:
-    """Whether ``norm`` is a BatchNorm that normalizes with its running statistics (an
-    affine map that can be folded), not GroupNorm, a training-mode BatchNorm, ..."""
-    if isinstance(norm, FrozenBatchNorm2d):
-        return True
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        return bool(norm.track_running_stats and norm.running_var is not None) and (
-            isinstance(norm, EvalBatchNorm2d) or not norm.training
-        )
-    return False
 
 
 @torch.no_grad()
@@ -77,7 +66,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, (Conv2d, DeformConv2d)) or module.norm is None:
             continue
-        if not _has_fixed_statistics(module.norm):
+        if not statistics_fixed(module.norm):
             continue
         norm = module.norm
         module.weight, module.bias = fuse_conv_bn_weights(

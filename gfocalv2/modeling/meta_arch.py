@@ -19,14 +19,13 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils import comm
-from fvcore.nn import giou_loss
 from torch import Tensor, nn
 
 from .atss import atss_assign
 from .backbone.fpn import unread_level_parameters
 from .box_coder import distance_targets, distance_to_box, distribution_to_distance
 from .head import GFocalHead
-from .losses import distribution_focal_loss, quality_focal_loss
+from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
 
 __all__ = ["GFocalV2"]
 
@@ -374,9 +373,7 @@ class GFocalV2(DenseDetector):
                 is_pos, scores.detach().amax(dim=-1), torch.zeros_like(scores[..., 0])
             )
             weight_sum = _reduce_mean(weight.sum()).clamp(min=1e-6)
-            giou = giou_loss(
-                pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4), reduction="none"
-            ).reshape(N, A)
+            giou = giou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4)).reshape(N, A)
             target_dist = distance_targets(
                 centers, target_boxes, strides, self.reg_max
             )  # (N, A, 4), <= reg_max - 0.1

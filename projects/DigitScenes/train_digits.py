@@ -29,7 +29,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from digit_scenes import register_digit_scenes  # noqa: E402
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser  # noqa: E402
 from gfocalv2.engine.checkpoint import checkpointer_for  # noqa: E402
-from gfocalv2.engine.distributed import launch_from_args  # noqa: E402
+from gfocalv2.engine.launch import launch_from_args  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_HERE, "configs", "gfocalv2_R_18_digits.yaml")
 

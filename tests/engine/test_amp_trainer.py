@@ -25,9 +25,16 @@ def test_trainer_with_solver_amp_on_cpu(tiny_digits, tmp_path):
     # Detectron2's SimpleTrainer (its AMPTrainer needs CUDA), the forward pass under bfloat16
     # autocast
     assert not isinstance(trainer._trainer, AMPTrainer) and trainer.cfg.SOLVER.AMP.ENABLED
-    assert trainer._guarded_model.cpu_autocast
+    head_dtypes = []
+    trainer.model.head.bbox_pred.register_forward_hook(
+        lambda m, i, o: head_dtypes.append((m.training, o.dtype))
+    )
     trainer.resume_or_load(resume=False)
     trainer.train()
+    # the training steps ran in bfloat16 (3 pyramid levels x 2 steps); the final evaluation in
+    # float32
+    assert [d for training, d in head_dtypes if training] == [torch.bfloat16] * 6
+    assert {d for training, d in head_dtypes if not training} == {torch.float32}
     latest = trainer.storage.latest()
     for key in ("loss_qfl", "loss_giou", "loss_dfl"):
         assert torch.isfinite(torch.tensor(latest[key][0])), key

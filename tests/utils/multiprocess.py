@@ -1,5 +1,5 @@
 """Helpers of the multi-process tests: the command of a tiny 2-process CPU run of train_net.py,
-a fault injector, and step functions run in each process by ``gfocalv2.engine.distributed.launch``.
+a fault injector, and step functions run in each process by ``gfocalv2.engine.launch.launch``.
 
 Run ``python -m tests.utils.multiprocess [train_net.py arguments]`` (:data:`HARNESS`, from the
 repository root) to train with a fault injected as ``GFOCALV2_TEST_FAULT=KIND:RANK:ITERATION``:
@@ -145,7 +145,7 @@ def _record_batches(out_dir):
 
         def after_step(self):
             self.ids[self.trainer.iter] = [
-                s.split(" ")[1] for s in self.trainer._guarded_model.last_batch
+                str(d["image_id"]) for d in self.trainer.data_loader.last_batch
             ]
 
         def after_train(self):
@@ -179,7 +179,7 @@ def one_step_worker(out_dir, images_per_process):
     from detectron2.modeling import build_model
     from detectron2.utils import comm
 
-    from gfocalv2.engine.distributed import create_ddp_model
+    from detectron2.engine.defaults import create_ddp_model
     from tests.utils.models import gfocal_cfg, random_input
 
     torch.manual_seed(0)
@@ -199,13 +199,13 @@ def one_step_worker(out_dir, images_per_process):
 
 
 def launch_workers(worker, num_processes, *args):
-    from gfocalv2.engine.distributed import launch
+    from gfocalv2.engine.launch import launch
 
     launch(worker, num_processes, dist_url="auto", args=args, device="cpu")
 
 
 if __name__ == "__main__":
     from gfocalv2.engine import workflow_argument_parser
-    from gfocalv2.engine.distributed import launch_from_args
+    from gfocalv2.engine.launch import launch_from_args
 
     launch_from_args(train_main, workflow_argument_parser().parse_args())

@@ -10,8 +10,8 @@ by override, each for one reason:
   (the rule of :mod:`gfocalv2.modeling.norms`; ``train_net.py`` checks it before any process
   starts, this catches other ways of starting processes). With ``SOLVER.AMP.ENABLED`` on a
   CPU, Detectron2's ``AMPTrainer`` (CUDA float16 with a gradient scaler) cannot run; the
-  training forward pass runs under bfloat16 autocast instead, through ``SimpleTrainer``. The test sets are checked at start-up, not at
-  the first evaluation hours later.
+  training forward pass runs under bfloat16 autocast instead, through ``SimpleTrainer``. The
+  test sets are checked at start-up, not at the first evaluation hours later.
 * ``build_train_loader`` / ``build_test_loader``: the loaders of :mod:`gfocalv2.data.loader`
   (checked datasets, unreadable images skipped, a data order that resumes bit for bit).
 * ``build_hooks``: the checkpointer is :class:`~gfocalv2.engine.checkpoint.GFocalCheckpointer`

@@ -202,9 +202,7 @@ def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
     assert code != 0
     assert "injected failure on rank 1 at iteration 5" in log
     main_log = open(out / "log.txt").read()
-    assert (
-        "Iteration 5 failed (RuntimeError). The state after iteration 4 was saved to" in main_log
-    )
+    assert "Iteration 5 failed (RuntimeError). The state after iteration 4 was saved to" in main_log
     assert open(out / "last_checkpoint").read().strip() == "model_0000004.pth"
     assert _state(out / "model_0000004.pth")["iteration"] == 4
     assert not (out / "model_final.pth").exists()

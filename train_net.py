@@ -25,7 +25,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser
-from gfocalv2.engine.checkpoint import checkpointer_for
+from gfocalv2.checkpoint import checkpointer_for
 from gfocalv2.engine.launch import launch_from_args
 
 

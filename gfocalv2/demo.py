@@ -153,7 +153,7 @@ class VisualizationDemo:
         from .engine.predictor import (
             Predictor,
         )  # DefaultPredictor for gray/RGBA/extreme-size images, checked weights
-        from .engine.visualize import metadata_for
+        from .visualize import metadata_for
 
         self.cfg = cfg
         self.threshold = confidence_threshold
@@ -163,7 +163,7 @@ class VisualizationDemo:
 
     def run_on_image(self, image_bgr):
         """Returns (instances on CPU, drawn RGB image)."""
-        from .engine.visualize import draw_predictions
+        from .visualize import draw_predictions
 
         instances = self.predictor(image_bgr)["instances"].to("cpu")
         instances = instances[instances.scores >= self.threshold]

@@ -405,8 +405,8 @@ def main(argv=None) -> int:
     _log_to_console()
     from detectron2.modeling import build_model
 
+    from .checkpoint import load_weights
     from .engine import build_cfg
-    from .engine.checkpoint import load_weights
     from .modeling.inference_optimization import optimize_for_inference
 
     # exported on CPU; onnxruntime picks its own device

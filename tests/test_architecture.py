@@ -1,5 +1,6 @@
-"""The package's import direction (docs/architecture.md): tools -> engine -> data | modeling ->
-config | compat, read from the source of every module (no import is executed)."""
+"""The package's import direction (docs/architecture.md): tools -> engine -> checkpoint |
+visualize -> data | modeling | evaluation -> config | compat, read from the source of every
+module (no import is executed)."""
 
 import ast
 import pathlib
@@ -15,9 +16,12 @@ LAYERS = {
     "config": 0,
     "data": 1,
     "modeling": 1,
-    "engine": 2,
+    "evaluation": 1,
+    "checkpoint": 2,
+    "visualize": 2,
+    "engine": 3,
 }
-TOOL_LAYER = 3  # every other top-level module or package: demo, export, convert, benchmark, ...
+TOOL_LAYER = 4  # every other top-level module or package: demo, export, convert, benchmark, ...
 
 
 def _modules():

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 
+from ..checkpoint import CheckpointError
 from ..engine.arguments import add_register_coco_argument
-from ..engine.checkpoint import CheckpointError
 from ..engine.config_checks import ConfigError
 from .coco import AnalysisInputError, coco_evaluation, load_ground_truth, load_results
 from .errors import tide_errors
@@ -147,8 +147,8 @@ def run_model(config_file, opts, register_coco, dataset, output_dir):
     the results json written by Detectron2's ``COCOEvaluator`` and the dataset name."""
     from detectron2.modeling import build_model
 
+    from ..checkpoint import load_weights
     from ..engine import Trainer, build_cfg
-    from ..engine.checkpoint import load_weights
 
     cfg = build_cfg(config_file, opts, register_coco, freeze=False)
     if not cfg.MODEL.WEIGHTS:

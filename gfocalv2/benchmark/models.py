@@ -10,7 +10,7 @@ import torch
 from detectron2.modeling import build_model
 from torch import nn
 
-from ..engine.checkpoint import load_weights
+from ..checkpoint import load_weights
 from ..modeling.baselines import detectron2_fcos, detectron2_retinanet
 from ..modeling.inference_optimization import (
     optimize_for_inference,
@@ -42,7 +42,7 @@ def _our_model(cfg, dgqp: bool) -> nn.Module:
 def build_models(cfg, names: Sequence[str]) -> "OrderedDict[str, nn.Module]":
     """Models by name; "ours" is the config's own model (GFocalV2 or GFLV1 per its DGQP flag),
     loaded from ``MODEL.WEIGHTS`` if set, with the checks of
-    :func:`~gfocalv2.engine.checkpoint.load_weights`. The others get random weights; one
+    :func:`~gfocalv2.checkpoint.load_weights`. The others get random weights; one
     that cannot be built is reported and left out."""
     ours_name = "gfocalv2" if cfg.MODEL.GFOCAL.DGQP_ENABLED else "gfl"
     models = OrderedDict()

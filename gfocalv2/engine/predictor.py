@@ -2,7 +2,7 @@
 
 Differences from ``detectron2.engine.DefaultPredictor``:
 
-* the weights are loaded with :class:`~gfocalv2.engine.checkpoint.GFocalCheckpointer`
+* the weights are loaded with :class:`~gfocalv2.checkpoint.GFocalCheckpointer`
   (missing file, other architecture or other class count: a clear error);
 * the input may be gray (H, W) or (H, W, 1), BGR/RGB (H, W, 3) or with alpha (H, W, 4)
   (alpha is dropped); an empty or otherwise shaped array is a ValueError naming the shape;
@@ -23,10 +23,10 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
+from ..checkpoint import checkpointer_for
 from ..data.mapper import SafeResizeShortestEdge, to_three_channels
 from ..data.transforms import resize_backend
 from ..modeling.inference_optimization import optimize_for_inference
-from .checkpoint import checkpointer_for
 
 __all__ = ["Predictor"]
 

@@ -14,7 +14,7 @@ by override, each for one reason:
   test sets are checked at start-up, not at the first evaluation hours later.
 * ``build_train_loader`` / ``build_test_loader``: the loaders of :mod:`gfocalv2.data.loader`
   (checked datasets, unreadable images skipped, a data order that resumes bit for bit).
-* ``build_hooks``: the checkpointer is :class:`~gfocalv2.engine.checkpoint.GFocalCheckpointer`
+* ``build_hooks``: the checkpointer is :class:`~gfocalv2.checkpoint.GFocalCheckpointer`
   (atomic writes, checked loads); :class:`~gfocalv2.engine.hooks.DataSeedHook` saves the data
   seed; :class:`~gfocalv2.engine.hooks.StopOnSignal` stops on SIGTERM/SIGINT.
 * ``build_evaluator`` / ``test``: ``COCOEvaluator`` (a model that predicts nothing gets AP 0),
@@ -39,11 +39,11 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
 
+from ..checkpoint import NonFiniteWeightsError, checkpointer_for
 from ..data.datasets import check_datasets_registered, check_num_classes
 from ..data.loader import build_checked_test_loader, build_resumable_train_loader
+from ..evaluation import build_coco_evaluator
 from ..modeling.inference_optimization import optimized_copy
-from .checkpoint import NonFiniteWeightsError, checkpointer_for
-from .evaluation import build_coco_evaluator
 from .hooks import DataSeedHook, StopOnSignal
 from .launch import check_batch_norm
 

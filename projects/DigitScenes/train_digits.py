@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from digit_scenes import register_digit_scenes  # noqa: E402
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser  # noqa: E402
-from gfocalv2.engine.checkpoint import checkpointer_for  # noqa: E402
+from gfocalv2.checkpoint import checkpointer_for  # noqa: E402
 from gfocalv2.engine.launch import launch_from_args  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_HERE, "configs", "gfocalv2_R_18_digits.yaml")
@@ -156,7 +156,7 @@ def draw_val_predictions(cfg, weights, num, threshold):
     from detectron2.data import DatasetCatalog
 
     from gfocalv2.engine.predictor import Predictor
-    from gfocalv2.engine.visualize import metadata_for, visualize_files
+    from gfocalv2.visualize import metadata_for, visualize_files
 
     cfg = cfg.clone()
     cfg.defrost()

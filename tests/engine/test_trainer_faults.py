@@ -22,7 +22,7 @@ from tests.utils.reliability import (
 from detectron2.engine import HookBase
 
 from gfocalv2.data import DataLoadingError
-from gfocalv2.engine.checkpoint import atomic_torch_save, atomic_write_text
+from gfocalv2.checkpoint import atomic_torch_save, atomic_write_text
 from gfocalv2.engine.trainer import NonFiniteLossError
 
 
@@ -229,7 +229,7 @@ def test_images_vanishing_mid_run_stop_with_a_checkpoint(coco_dataset, tmp_path)
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    import gfocalv2.engine.checkpoint as ck
+    import gfocalv2.checkpoint as ck
 
     path = tmp_path / "model_final.pth"
     atomic_torch_save({"v": torch.ones(3)}, path)
@@ -259,7 +259,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_trainer_checkpoints_go_through_the_atomic_writer(dataset, tmp_path, monkeypatch):
-    import gfocalv2.engine.checkpoint as ck
+    import gfocalv2.checkpoint as ck
 
     written = []
     real = ck._atomic_write

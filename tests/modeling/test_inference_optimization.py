@@ -212,7 +212,7 @@ def test_switches_off(bn_model_and_images):
 
 
 def test_checkpointer_refuses_a_folded_model(bn_model_and_images, tmp_path):
-    from gfocalv2.engine.checkpoint import CheckpointError, GFocalCheckpointer
+    from gfocalv2.checkpoint import CheckpointError, GFocalCheckpointer
 
     cfg, model, _ = bn_model_and_images
     GFocalCheckpointer(model, str(tmp_path)).save("model_plain")

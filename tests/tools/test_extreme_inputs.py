@@ -127,7 +127,7 @@ def test_demo_tool_on_gray_rgba_tiny_and_thin_files(cfg, tmp_path):
     from detectron2.modeling import build_model
 
     from gfocalv2 import demo
-    from gfocalv2.engine.checkpoint import GFocalCheckpointer
+    from gfocalv2.checkpoint import GFocalCheckpointer
 
     weights_dir = tmp_path / "w"
     GFocalCheckpointer(build_model(cfg), save_dir=str(weights_dir)).save("model")

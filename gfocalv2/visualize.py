@@ -7,7 +7,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from ..data.datasets import get_thing_classes
+from .data.datasets import get_thing_classes
 
 __all__ = ["metadata_for", "draw_predictions", "visualize_files"]
 

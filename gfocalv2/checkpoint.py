@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..modeling.inference_optimization import has_folded_batchnorm
+from .modeling.inference_optimization import has_folded_batchnorm
 
 __all__ = [
     "GFocalCheckpointer",

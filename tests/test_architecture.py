@@ -167,3 +167,40 @@ def test_tests_find_their_helpers_as_a_package():
                 ):
                     offenders.append(f"{rel}:{node.lineno}: import {name}")
     assert not offenders, offenders
+
+
+_SUBPROCESS_CALLS = {"run", "call", "check_call", "check_output"}
+
+
+def _calls_without_timeout(path):
+    """(line, call) of every subprocess.run/call/check_call/check_output and .communicate()
+    without a ``timeout=`` argument in a test file."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        func = node.func
+        is_subprocess = (
+            func.attr in _SUBPROCESS_CALLS
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "subprocess"
+        )
+        if (is_subprocess or func.attr == "communicate") and not any(
+            k.arg in ("timeout", None)
+            for k in node.keywords  # None: **kwargs passed on
+        ):
+            found.append((node.lineno, ast.unparse(func)))
+    return found
+
+
+def test_every_subprocess_a_test_starts_has_a_time_limit():
+    """A hung child process fails its test (pytest-timeout stops the test itself) instead of
+    blocking the suite."""
+    tests = pathlib.Path(__file__).resolve().parent
+    missing = {
+        str(p.relative_to(tests)): calls
+        for p in sorted(tests.rglob("*.py"))
+        if (calls := _calls_without_timeout(p))
+    }
+    assert not missing, missing

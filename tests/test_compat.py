@@ -82,7 +82,7 @@ def run_apply(tree, before=""):
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tree)
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tree), timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -194,6 +194,7 @@ def test_importing_gfocalv2_prints_nothing():
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONWARNINGS": "default"},
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "" and proc.stderr == "", proc.stderr[-3000:]
@@ -226,6 +227,7 @@ def test_a_training_step_and_inference_print_nothing():
         text=True,
         cwd=REPO,
         env={**env_with_repo_on_pythonpath(), "PYTHONWARNINGS": "default"},
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "" and proc.stderr == "", proc.stderr[-3000:]

@@ -14,7 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_python(code):
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -57,9 +61,13 @@ def test_install_step_is_a_noop_on_second_run():
         sys.prefix
     ) != os.path.realpath(venv):
         pytest.skip("not running from the Makefile's .venv")
-    proc = subprocess.run(["make", "-q", "install"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["make", "-q", "install"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, "make install would run again: " + proc.stdout + proc.stderr
-    dry = subprocess.run(["make", "-n", "install"], cwd=REPO, capture_output=True, text=True)
+    dry = subprocess.run(
+        ["make", "-n", "install"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert "pip install" not in dry.stdout
 
 

@@ -24,6 +24,7 @@ def test_cli_help(script):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the subprocess's own limit is 600 s
 def test_train_digits_end_to_end(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out_dir = tmp_path / "out"

@@ -12,9 +12,14 @@ import time
 import pytest
 import torch
 
-from tests.utils.multiprocess import HARNESS, finish, one_step_worker, run, run_opts, start
+from tests.utils.multiprocess import finish, one_step_worker, run, run_opts, start
 
-TIMEOUT = 150  # seconds for one run; a healthy one takes 10-20 s on 2 cores
+# the module's reference run (a fixture) and a test's own runs
+pytestmark = pytest.mark.timeout(600)
+
+# Seconds for one run: a healthy one takes 10-40 s on 2 cores; the longest clean-up of the code
+# is torch's 30 s between terminating a failed run's other workers and killing them.
+TIMEOUT = 150
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,8 @@ def reference(data, tmp_path_factory):
     code, log, _ = run(
         ["--num-gpus", "2", *run_opts(data, out)],
         TIMEOUT,
-        module=HARNESS,
         env={"GFOCALV2_TEST_RECORD": str(out)},
+        logs=out,
     )
     assert code == 0, log[-4000:]
     return out, log
@@ -76,8 +81,8 @@ def test_processes_see_disjoint_halves_of_the_one_process_batches(reference, dat
     code, log, _ = run(
         ["--num-gpus", "1", *run_opts(data, tmp_path, max_iter=3)],
         TIMEOUT,
-        module=HARNESS,
         env={"GFOCALV2_TEST_RECORD": str(tmp_path)},
+        logs=tmp_path,
     )
     assert code == 0, log[-4000:]
     single = json.load(open(tmp_path / "batches_rank0.json"))
@@ -97,7 +102,7 @@ def test_one_step_on_two_processes_equals_one_process_on_all_images(tmp_path):
             f"m.launch_workers(m.one_step_worker, 2, {str(tmp_path)!r}, 2)",
         ],
         TIMEOUT,
-        script=None,
+        module=None,
     )
     assert code == 0, log[-4000:]
     two = _state(tmp_path / "grads_rank0.pth")["grads"]
@@ -113,6 +118,29 @@ def test_one_step_on_two_processes_equals_one_process_on_all_images(tmp_path):
     for name in one:
         scale = one[name].abs().max().clamp_min(1e-12)
         assert ((two[name] - one[name]).abs().max() / scale).item() < 1e-5, name
+
+
+def test_a_hung_run_fails_with_every_process_stack_and_every_rank_log(tmp_path):
+    """What a test sees when a multi-process run hangs: the launcher's and both workers' Python
+    stacks, and each rank's log, then the processes are gone."""
+    proc = start(
+        [
+            "-c",
+            "import tests.utils.multiprocess as m; "
+            f"m.launch_workers(m.hanging_worker, 2, {str(tmp_path)!r})",
+        ],
+        module=None,
+    )
+    _wait_for(tmp_path / "log.txt", "about to hang", proc)
+    _wait_for(tmp_path / "log.txt.rank1", "about to hang", proc)
+    with pytest.raises(AssertionError) as e:
+        finish(proc, 5, logs=tmp_path)
+    report = str(e.value)
+    assert "did not finish within 5 s (hang?)" in report
+    assert report.count("most recent call first") >= 3  # the launcher and the two workers
+    assert "in hanging_worker" in report and "in synchronize" in report  # rank 0's collective
+    assert "rank 0 is about to hang" in report and "rank 1 is about to hang" in report
+    assert f"{tmp_path / 'log.txt.rank1'} (end)" in report
 
 
 def test_evaluation_gives_the_same_detections_with_one_and_two_processes(reference, data, tmp_path):
@@ -132,9 +160,10 @@ def _wait_for(path, text, proc, timeout=TIMEOUT):
     while time.monotonic() < end:
         if os.path.exists(path) and text in open(path).read():
             return
-        if proc.poll() is not None:
+        if proc.poll() is not None:  # collect its output with a time limit (no blocking read)
+            code, out = finish(proc, 30)
             raise AssertionError(
-                f"ended before {text!r} appeared in {path}:\n{proc.stdout.read()[-4000:]}"
+                f"ended ({code}) before {text!r} appeared in {path}:\n{out[-4000:]}"
             )
         time.sleep(0.05)
     raise AssertionError(f"{text!r} did not appear in {path} within {timeout} s")
@@ -150,7 +179,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(reference, data, tmp
     proc = start(["--num-gpus", "2", *run_opts(data, out, extra=["SOLVER.STOP_CHECK_PERIOD", "2"])])
     _wait_for(out / "log.txt", "Starting training from iteration 0", proc)
     proc.send_signal(signal.SIGTERM)
-    code, log = finish(proc, TIMEOUT)
+    code, log = finish(proc, TIMEOUT, logs=out)
     assert code == 128 + signal.SIGTERM, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     assert "Training stopped after iteration" in log and "Continue with --resume" in log
@@ -174,7 +203,7 @@ def test_non_finite_loss_on_one_process_stops_both_after_rank_0_saved(reference,
     code, log, seconds = run(
         ["--num-gpus", "2", *run_opts(data, out)],
         TIMEOUT,
-        module=HARNESS,
+        logs=out,
         env={"GFOCALV2_TEST_FAULT": "nan:1:3"},
     )
     assert code != 0
@@ -196,7 +225,7 @@ def test_failure_in_one_process_at_the_last_iteration(data, tmp_path):
     code, log, seconds = run(
         ["--num-gpus", "2", *run_opts(data, out)],
         TIMEOUT,
-        module=HARNESS,
+        logs=out,
         env={"GFOCALV2_TEST_FAULT": "error:1:5"},
     )
     assert code != 0
@@ -231,7 +260,7 @@ def test_evaluation_failing_in_one_process_during_training(data, tmp_path):
     code, log, seconds = run(
         ["--num-gpus", "2", *run_opts(data, out, extra=["TEST.EVAL_PERIOD", "3"])],
         TIMEOUT,
-        module=HARNESS,
+        logs=out,
         env={"GFOCALV2_TEST_FAULT": "eval:1:2"},
     )
     assert code != 0

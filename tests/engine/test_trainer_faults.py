@@ -312,6 +312,7 @@ def test_evaluating_a_model_that_predicts_nothing_gives_zeros(coco_dataset, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three runs of at most 300 s
 def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_path):
     """train_net.py in a subprocess, SIGKILLed after iteration 4, resumed with --resume."""
     import signal

@@ -153,6 +153,7 @@ def test_metadata_names_the_config(exported):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the training subprocess's own limit is 1500 s
 def test_trained_digit_scenes_model_equals_the_predictor(tmp_path):
     """A DigitScenes GFocalV2 trained for 300 iterations (a few minutes), exported: the runtime's
     detections on validation images equal the Predictor's."""

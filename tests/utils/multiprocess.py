@@ -7,6 +7,7 @@ that rank's training forward pass at that iteration returns NaN losses (KIND ``n
 (``error``), or its evaluation after that iteration raises (``eval``).
 """
 
+import glob
 import os
 import signal
 import subprocess
@@ -59,14 +60,14 @@ def _env(env):
     return {**env_with_repo_on_pythonpath(), "OMP_NUM_THREADS": "1", **(env or {})}
 
 
-def start(argv, script="train_net.py", env=None, module=None):
-    """Start ``python -m module argv``, else ``python script argv`` (``python argv`` if ``script``
-    is None), in the repository root and in its own session, so that a hang can be killed with
-    its children."""
-    if module:
-        command = ["-m", module]
+def start(argv, script=None, env=None, module=HARNESS):
+    """Start ``python script argv``, else ``python -m module argv`` (by default the harness:
+    train_net.py's main, with the faults of this module; ``python argv`` if neither), in the
+    repository root and in its own session, so that a hang can be killed with its children."""
+    if script:
+        command = [os.path.join(REPO, script)]
     else:
-        command = [os.path.join(REPO, script)] if script else []
+        command = ["-m", module] if module else []
     return subprocess.Popen(
         [sys.executable, *command, *argv],
         cwd=REPO,
@@ -78,22 +79,52 @@ def start(argv, script="train_net.py", env=None, module=None):
     )
 
 
-def finish(proc, timeout):
-    """``(exit code, output)``; a run past ``timeout`` seconds is killed with its children and
-    fails."""
+#: Seconds the processes get to write their Python stacks before a hung run is killed.
+_STACK_DUMP_S = 3
+
+
+def finish(proc, timeout, logs=None):
+    """``(exit code, output)``. A run past ``timeout`` seconds fails with what it printed: first
+    every process of the run (launcher, workers, data loader workers: one process group) is
+    asked for its Python stacks (SIGUSR1, see :func:`_dump_stacks_on_sigusr1`), then killed; the
+    error shows the output and every rank's log from ``logs`` (an OUTPUT_DIR), if given."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"did not finish within {timeout} s (hang?):\n{out[-4000:]}") from None
+        try:
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(_STACK_DUMP_S)
+        except ProcessLookupError:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = proc.communicate(timeout=30)
+        rank_logs = ""
+        for name in sorted(glob.glob(os.path.join(str(logs), "log.txt*")) if logs else []):
+            with open(name) as f:
+                rank_logs += f"\n----- {name} (end)\n{f.read()[-3000:]}"
+        raise AssertionError(
+            f"did not finish within {timeout} s (hang?). Output, with each process's Python "
+            f"stacks at the end:\n{out[-12000:]}{rank_logs}"
+        ) from None
     return proc.returncode, out
 
 
-def run(argv, timeout, script="train_net.py", env=None, module=None):
+def run(argv, timeout, script=None, env=None, module=HARNESS, logs=None):
     start_time = time.monotonic()
-    code, out = finish(start(argv, script, env, module), timeout)
+    code, out = finish(start(argv, script, env, module), timeout, logs)
     return code, out, time.monotonic() - start_time
+
+
+def _dump_stacks_on_sigusr1():
+    """In every process that imports this module (the harness and its spawned workers, which
+    import it as their main module): SIGUSR1 writes every thread's Python stack to stderr."""
+    import faulthandler
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
 # -------------------------------------------------------------- fault injection (in each process)
@@ -198,11 +229,27 @@ def one_step_worker(out_dir, images_per_process):
     )
 
 
+def hanging_worker(out_dir):
+    """Logs to OUTPUT_DIR/log.txt[.rankN] as training does, then blocks: rank 0 in a collective
+    that rank 1 never joins, rank 1 in a sleep."""
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    rank = comm.get_rank()
+    setup_logger(out_dir, distributed_rank=rank, name="hang").info("rank %d is about to hang", rank)
+    if rank == 0:
+        comm.synchronize()
+    else:
+        time.sleep(3600)
+
+
 def launch_workers(worker, num_processes, *args):
     from gfocalv2.engine.launch import launch
 
     launch(worker, num_processes, dist_url="auto", args=args, device="cpu")
 
+
+_dump_stacks_on_sigusr1()  # the harness, its workers (spawned: they import it) and the tests
 
 if __name__ == "__main__":
     from gfocalv2.engine import workflow_argument_parser

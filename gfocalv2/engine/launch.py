@@ -129,12 +129,15 @@ class _EndsWithLauncher:
                 os._exit(128 + signal.SIGTERM)
 
 
-def _forward_stop_signals():
+def _forward_stop_signals(received):
     """SIGTERM/SIGINT sent to the launcher (``kill``, ``timeout``, a scheduler) go on to its
-    workers as SIGTERM: each finishes its iteration, rank 0 saves, they stop. (Ctrl-C in a
-    terminal reaches every process of the group by itself.) Returns the previous handlers."""
+    workers as SIGTERM: while training, each finishes its iteration, rank 0 saves, they stop;
+    before (waiting for their peers, loading data), they stop at once. (Ctrl-C in a terminal
+    reaches every process of the group by itself.) The first signal is recorded in ``received``.
+    Returns the previous handlers."""
 
     def forward(signum, frame):
+        received.setdefault("signum", signum)
         for child in mp.active_children():
             os.kill(child.pid, signal.SIGTERM)
 
@@ -167,7 +170,8 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         + ").",
         flush=True,
     )
-    previous = _forward_stop_signals()
+    received = {}
+    previous = _forward_stop_signals(received)
     try:
         detectron2_launch(
             _EndsWithLauncher(main_func),
@@ -178,8 +182,11 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
             args=args,
         )
     except mp.ProcessExitedException as e:
+        # stopped on a signal: after saving (143, 130), or at once before training (-15)
         if e.exit_code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
             raise SystemExit(e.exit_code) from None
+        if received and e.exit_code == -signal.SIGTERM:
+            raise SystemExit(128 + received["signum"]) from None
         raise
     finally:
         for signum, handler in previous.items():

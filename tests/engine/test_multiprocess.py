@@ -269,3 +269,74 @@ def test_evaluation_failing_in_one_process_during_training(data, tmp_path):
     assert _state(out / "model_0000002.pth")["iteration"] == 2
     assert not (out / "model_final.pth").exists()
     assert seconds < 60
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _machine(data, out, rank, url, **kw):
+    argv = ["--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(rank)]
+    return start(
+        [*argv, "--dist-url", url, *run_opts(data, out, max_iter=3, ims_per_batch=2)], **kw
+    )
+
+
+def test_two_machines_on_one_host_train_together(data, tmp_path):
+    """Two launchers, as on two machines (--num-machines 2, --machine-rank 0/1, one process
+    each): one run of world size 2, saved by machine 0 only."""
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [_machine(data, tmp_path / f"m{r}", r, url) for r in (0, 1)]
+    results = [finish(p, TIMEOUT, logs=tmp_path / f"m{r}") for r, p in enumerate(procs)]
+    for code, log in results:
+        assert code == 0, log[-4000:]
+    assert "machine 0 of 2: they wait for all 2 processes to join at " + url in results[0][1]
+    assert "World size: 2" in open(tmp_path / "m0" / "log.txt").read()
+    assert (tmp_path / "m0" / "model_final.pth").is_file()
+    assert not list((tmp_path / "m1").glob("*.pth"))  # rank 1 saves nothing
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _gone(pid, within):
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # a zombie has ended
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_machine_whose_peer_never_comes_says_so_and_stops(data, tmp_path, stop):
+    """Machine 0 alone: its launcher says what the process waits for; SIGTERM ends it at once
+    (exit status 143, no traceback), and SIGKILL of the launcher does not leave its worker
+    behind."""
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    proc = _machine(data, tmp_path, 0, url)
+    worker = None
+    end = time.monotonic() + TIMEOUT
+    while worker is None and time.monotonic() < end:  # the worker has started and waits
+        kids = _children(proc.pid)
+        worker = kids[0] if kids else None
+        time.sleep(0.2)
+    assert worker is not None, finish(proc, 30)[1][-3000:]
+    time.sleep(3)  # in the rendezvous (its imports done or not: either way it must stop)
+    assert proc.poll() is None
+    proc.send_signal(getattr(signal, stop))
+    code, log = finish(proc, 30)
+    assert "machine 0 of 2: they wait for all 2 processes to join at " + url in log
+    if stop == "SIGTERM":
+        assert code == 128 + signal.SIGTERM and "Traceback" not in log, log[-3000:]
+    assert _gone(worker, within=10), f"worker {worker} outlived its launcher"

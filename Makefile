@@ -21,7 +21,7 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.py
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -c "import gfocalv2, detectron2.engine, detectron2.evaluation; print('gfocalv2 environment ready')"
+	$(PY) -c "from gfocalv2 import compat; compat.apply(); import gfocalv2.engine, detectron2.evaluation; print('gfocalv2 environment ready')"
 	@touch $@
 
 demo: install

@@ -19,7 +19,11 @@
 Trailing ``KEY VALUE`` pairs override the config; they must come after all ``--flags``.
 """
 
-import gfocalv2  # noqa: F401  (first: Detectron2 compatibility + registers GFocalV2)
+from gfocalv2 import compat
+
+compat.apply()  # first: what this Detectron2 install needs (gfocalv2/compat.py)
+
+import gfocalv2.modeling  # noqa: F401  (registers GFocalV2 and its backbones)
 
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm

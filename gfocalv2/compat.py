@@ -1,8 +1,9 @@
 """Compatibility with partial or older Detectron2 installs and with today's libraries.
 
 This is the only place in the package that knows about Detectron2's install
-variants. :func:`apply` runs once, when :mod:`gfocalv2` is imported, before any
-other ``detectron2`` module is used. Each fix below is applied exactly when its
+variants. Every entry point (``train_net.py``, ``python -m gfocalv2.<tool>``, the example
+projects, a spawned worker: :mod:`gfocalv2.spawn`, the tests) calls :func:`apply` once, before
+anything imports Detectron2. Each fix below is applied exactly when its
 own need exists, decided independently of the others (an official, compiled
 Detectron2 can still need the ``pkg_resources`` one, for example):
 
@@ -345,6 +346,8 @@ def _ddp_of_cpu_models():
     from torch.nn.parallel import DistributedDataParallel
 
     source = _detectron2_source("engine/defaults.py")
+    if "def create_ddp_model" not in source:
+        return
     gives_device_ids = bool(
         re.search(r"\n\s+kwargs\[\"device_ids\"\] = \[comm\.get_local_rank\(\)\]", source)
     )
@@ -415,7 +418,7 @@ def _quiet_comm_typed_storage():
 def apply():
     """Make Detectron2 importable and usable here; idempotent. Returns COMPAT_STATE."""
     if COMPAT_STATE["applied"] or COMPAT_STATE["applying"]:  # done, or being done (re-entered
-        return COMPAT_STATE  # through the first import of Detectron2: see gfocalv2/__init__.py)
+        return COMPAT_STATE  # through an import that a fix makes)
     COMPAT_STATE["applying"] = True
     try:
         return _apply()

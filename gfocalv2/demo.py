@@ -24,6 +24,12 @@ import time
 
 import numpy as np
 
+from . import compat
+
+# an entry point (python -m gfocalv2.demo, gfocalv2-demo):
+# the fixes come before anything imports Detectron2
+compat.apply()
+
 from .engine.arguments import (
     add_config_file_argument,
     add_opts_argument,

@@ -49,6 +49,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import compat
+
+# an entry point (python -m gfocalv2.export, gfocalv2-export):
+# the fixes come before anything imports Detectron2
+compat.apply()
+
 from .engine.arguments import (
     add_config_file_argument,
     add_opts_argument,

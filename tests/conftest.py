@@ -9,7 +9,11 @@ from typing import NamedTuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import gfocalv2  # noqa: E402,F401
+from gfocalv2 import compat  # noqa: E402
+
+compat.apply()  # the tests' entry point: before anything imports Detectron2
+
+import gfocalv2.modeling  # noqa: E402,F401  (registers GFocalV2 and its backbones)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -14,6 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gfocalv2"
 LAYERS = {
     "compat": 0,
     "config": 0,
+    "spawn": 1,
     "data": 1,
     "modeling": 1,
     "evaluation": 1,

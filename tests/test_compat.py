@@ -183,12 +183,13 @@ def test_registry_detectron2_v06_gets_every_fix_it_needs(tmp_path):
 
 def test_importing_gfocalv2_prints_nothing():
     """A quiet console: no library deprecation warnings at import (torch.jit.script in
-    fvcore/Detectron2)."""
+    fvcore/Detectron2), after the entry points' compat.apply()."""
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import gfocalv2, gfocalv2.engine, detectron2.engine, detectron2.evaluation",
+            "from gfocalv2 import compat; compat.apply(); "
+            "import gfocalv2.engine, detectron2.engine, detectron2.evaluation",
         ],
         capture_output=True,
         text=True,
@@ -205,7 +206,9 @@ def test_a_training_step_and_inference_print_nothing():
     without indexing=) are not shown to the user either."""
     code = textwrap.dedent(
         """
-        import gfocalv2  # first, as the README says
+        from gfocalv2 import compat
+        compat.apply()  # first, as the README says
+        import gfocalv2.modeling
         import torch
         from detectron2.modeling import build_model
         from tests.utils.models import gfocal_cfg, random_input

@@ -30,7 +30,8 @@ def test_model_zoo_without_pkg_resources():
         """
         import sys
         sys.modules["pkg_resources"] = None  # as if setuptools did not ship it
-        import gfocalv2
+        from gfocalv2 import compat
+        compat.apply()
         from detectron2 import model_zoo
         path = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
         print(path)

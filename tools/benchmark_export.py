@@ -30,7 +30,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-import gfocalv2  # noqa: F401  (before Detectron2: sets it up for the project)
+from gfocalv2 import compat
+
+compat.apply()  # before Detectron2 is imported (gfocalv2/compat.py)
+
+import gfocalv2.modeling  # noqa: F401  (registers GFocalV2)
 from detectron2.modeling import build_model
 from gfocalv2.engine import build_cfg
 from gfocalv2.export import export_onnx, min_input_size

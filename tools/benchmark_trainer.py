@@ -23,7 +23,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # projects.DigitScenes (the data), run from anywhere
 
-import gfocalv2  # noqa: F401  (Detectron2 set up for the project)
+from gfocalv2 import compat
+
+compat.apply()  # before Detectron2 is imported (gfocalv2/compat.py)
+
 import torch
 from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.utils.env import seed_all_rng

@@ -73,8 +73,8 @@ cd "$repo"
 "$py" - "$src" <<'PY'
 import os, sys
 import detectron2, detectron2._C  # the compiled extension must exist
-import gfocalv2
-from gfocalv2.compat import COMPAT_STATE
+from gfocalv2.compat import COMPAT_STATE, apply
+apply()
 src = sys.argv[1]
 print(f"[test_with_detectron2_source] detectron2 {detectron2.__version__} from {os.path.dirname(detectron2.__file__)}"
       f" (compiled ops: {detectron2._C.__file__}); built from {src}")

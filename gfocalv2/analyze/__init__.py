@@ -28,6 +28,12 @@ the plots, models side by side (:mod:`.plots`): ``score_vs_iou.png``, ``reliabil
 ``pr_curves.png``, ``ap_per_class.png``, ``errors.png``. See ``docs/analysis.md``.
 """
 
+from .. import compat
+
+# an entry point (python -m gfocalv2.analyze):
+# the fixes come before anything imports Detectron2
+compat.apply()
+
 from .cli import analyze, get_parser, main
 from .coco import AnalysisInputError, coco_evaluation, load_ground_truth, load_results
 from .errors import ERROR_TYPES, tide_errors

@@ -58,6 +58,12 @@ loader) and counts FLOPs, :mod:`.report` turns the times into statistics and the
 :mod:`.cli` is the command line (``python -m gfocalv2.benchmark``, ``gfocalv2-benchmark``).
 """
 
+from .. import compat
+
+# an entry point (python -m gfocalv2.benchmark, gfocalv2-benchmark):
+# the fixes come before anything imports Detectron2
+compat.apply()
+
 from .cli import get_parser, main
 from .models import (
     KNOWN_MODELS,

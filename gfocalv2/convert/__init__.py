@@ -43,6 +43,12 @@ import logging
 
 # Every name of __all__, and the public names outside it (``X as X``) that the single module
 # ``gfocalv2/convert.py`` had.
+from .. import compat
+
+# an entry point (python -m gfocalv2.convert, gfocalv2-convert):
+# the fixes come before anything imports Detectron2
+compat.apply()
+
 from .backbone import ARCHS, detect_backbone, rename_backbone_key
 from .backbone import BackboneInfo as BackboneInfo
 from .cli import main

@@ -92,7 +92,7 @@ def build_target_state(cfg, detector: bool) -> Dict[str, torch.Tensor]:
     backbone."""
     from detectron2.layers import ShapeSpec
 
-    import gfocalv2  # noqa: F401
+    from .. import modeling  # noqa: F401  (registers GFocalV2 and its backbones)
 
     if detector:
         from detectron2.modeling import build_model

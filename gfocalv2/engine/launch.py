@@ -9,11 +9,11 @@
   CPU processes share the machine's cores (each would otherwise start a thread per core); a
   SIGTERM/SIGINT sent to the launcher reaches its workers (they save and stop, see
   :class:`~gfocalv2.engine.hooks.StopOnSignal`), and a worker ends with its launcher
-  (Detectron2's launch leaves that as a TODO); the launcher says what the processes wait for.
+  (Detectron2's launch leaves that as a TODO; :mod:`gfocalv2.spawn`); the launcher says what
+  the processes wait for.
 * :func:`launch_from_args`: both, for a ``train_net.py``-style script.
 """
 
-import ctypes
 import logging
 import os
 import signal
@@ -25,6 +25,7 @@ from detectron2.engine import launch as detectron2_launch
 from detectron2.modeling import build_model
 
 from ..modeling.norms import per_process_batch_norms
+from ..spawn import WorkerMain
 from .config_checks import ConfigError
 
 __all__ = ["LaunchError", "check_launch", "check_batch_norm", "launch", "launch_from_args"]
@@ -108,27 +109,6 @@ def _norm_keys(node, prefix):
             yield f"{prefix}.{key}", value
 
 
-class _EndsWithLauncher:
-    """``main_func`` as the worker processes get it. Unpickled in each worker (spawned) before it
-    joins the process group, it asks Linux to send the worker SIGTERM when the launcher dies, so
-    that no worker outlives its launcher, not even while it waits for its peers."""
-
-    def __init__(self, main_func):
-        self.main_func = main_func
-        self.launcher_pid = os.getpid()
-
-    def __call__(self, *args):
-        return self.main_func(*args)
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if sys.platform.startswith("linux"):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-            if os.getppid() != self.launcher_pid:  # the launcher died before that
-                os._exit(128 + signal.SIGTERM)
-
-
 def _forward_stop_signals(received):
     """SIGTERM/SIGINT sent to the launcher (``kill``, ``timeout``, a scheduler) go on to its
     workers as SIGTERM: while training, each finishes its iteration, rank 0 saves, they stop;
@@ -174,7 +154,7 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     previous = _forward_stop_signals(received)
     try:
         detectron2_launch(
-            _EndsWithLauncher(main_func),
+            WorkerMain(main_func),
             num_gpus_per_machine,
             num_machines=num_machines,
             machine_rank=machine_rank,

@@ -8,7 +8,7 @@ the DigitScenes comparison (``projects/DigitScenes/train_digits.py --compare``) 
 * :func:`detectron2_fcos`: Detectron2's model-zoo FCOS R-50-FPN 1x (a LazyConfig in
   Detectron2 0.6) with the backbone, FPN, tower and classes of a GFocal config; random weights.
 * ``D2FCOS``: a meta-architecture registered in ``META_ARCH_REGISTRY`` (when this module is
-  imported, which ``import gfocalv2`` does) so that a yacs config with
+  imported, which importing :mod:`gfocalv2.modeling` does) so that a yacs config with
   ``MODEL.META_ARCHITECTURE: "D2FCOS"`` builds Detectron2's own FCOS class
   (:func:`build_d2_fcos`), the head settings read from ``MODEL.RETINANET``.
 * :func:`group_norm_32`: the ``"GN"`` norm as a callable, for Detectron2 0.6's heads.

@@ -17,7 +17,11 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)  # the digit_scenes package next to this script
 
-import gfocalv2  # noqa: E402,F401  (first: Detectron2 compatibility + registers GFocalV2)
+from gfocalv2 import compat  # noqa: E402
+
+compat.apply()  # first: what this Detectron2 install needs (gfocalv2/compat.py)
+
+import gfocalv2.modeling  # noqa: E402,F401  (registers GFocalV2 and its backbones)
 
 from gfocalv2 import demo  # noqa: E402
 

@@ -341,7 +341,6 @@ def test_killed_process_resumes_bit_identical_through_train_net(dataset, tmp_pat
 
     runner = (
         "import sys, os, signal\n"
-        "import gfocalv2\n"
         "import train_net\n"
         "from detectron2.engine import HookBase\n"
         "from gfocalv2.engine import Trainer\n"

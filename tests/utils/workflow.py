@@ -6,7 +6,9 @@ dataset and a tiny, fast config. The repository root is on the import path (pyte
 import os
 from pathlib import Path
 
-import gfocalv2  # noqa: F401  (first, before any other detectron2 import)
+from gfocalv2 import compat
+
+compat.apply()  # first, before any other detectron2 import
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_PROJECT = REPO / "projects" / "DigitScenes"

@@ -9,7 +9,8 @@ registered in Detectron2's catalogs as two COCO-format datasets:
 
 Usage::
 
-    import gfocalv2  # first: makes detectron2.engine/evaluation importable everywhere
+    from gfocalv2 import compat
+    compat.apply()                   # first, in every entry point (gfocalv2/compat.py)
     from digit_scenes import register_digit_scenes
     register_digit_scenes()          # generates on first use, then only registers
     # cfg.DATASETS.TRAIN = ("digit_scenes_train",); cfg.DATASETS.TEST = ("digit_scenes_val",)
@@ -17,8 +18,6 @@ Usage::
 To use your own COCO-format data instead, you do not need this package at all: see
 ``projects/DigitScenes/README.md`` (``--register-coco NAME JSON IMAGE_DIR``).
 """
-
-import gfocalv2  # noqa: F401  (first: Detectron2 compatibility layer, registers GFocalV2)
 
 import json
 import logging

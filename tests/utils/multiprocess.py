@@ -244,6 +244,10 @@ def hanging_worker(out_dir):
 
 
 def launch_workers(worker, num_processes, *args):
+    """``worker(*args)`` in ``num_processes`` CPU processes (for ``python -c``: an entry point)."""
+    from gfocalv2 import compat
+
+    compat.apply()
     from gfocalv2.engine.launch import launch
 
     launch(worker, num_processes, dist_url="auto", args=args, device="cpu")
@@ -251,7 +255,11 @@ def launch_workers(worker, num_processes, *args):
 
 _dump_stacks_on_sigusr1()  # the harness, its workers (spawned: they import it) and the tests
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # an entry point: the fixes before anything imports Detectron2
+    from gfocalv2 import compat
+
+    compat.apply()
+
     from gfocalv2.engine import workflow_argument_parser
     from gfocalv2.engine.launch import launch_from_args
 

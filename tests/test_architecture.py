@@ -19,6 +19,7 @@ LAYERS = {
     "modeling": 1,
     "evaluation": 1,
     "checkpoint": 2,
+    "config_checks": 2,
     "visualize": 2,
     "engine": 3,
 }

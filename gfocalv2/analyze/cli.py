@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 from ..checkpoint import CheckpointError
+from ..config_checks import ConfigError
 from ..engine.arguments import add_register_coco_argument
-from ..engine.config_checks import ConfigError
 from .coco import AnalysisInputError, coco_evaluation, load_ground_truth, load_results
 from .errors import tide_errors
 from .plots import write_plots

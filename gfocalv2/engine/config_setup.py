@@ -12,9 +12,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_gfocalv2_config
+from ..config_checks import check_solver_steps, merge_config_file, merge_config_list
 from ..data.datasets import register_coco_datasets
 from ..modeling.inference_optimization import resolve_memory_format
-from .config_checks import check_solver_steps, merge_config_file, merge_config_list
 
 __all__ = ["build_cfg", "setup_cfg"]
 

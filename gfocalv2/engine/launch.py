@@ -24,9 +24,9 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.modeling import build_model
 
+from ..config_checks import ConfigError
 from ..modeling.norms import per_process_batch_norms
 from ..spawn import WorkerMain
-from .config_checks import ConfigError
 
 __all__ = ["LaunchError", "check_launch", "check_batch_norm", "launch", "launch_from_args"]
 

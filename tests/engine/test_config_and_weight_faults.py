@@ -18,7 +18,7 @@ from detectron2.modeling import build_model
 from gfocalv2 import add_gfocalv2_config
 from gfocalv2.engine import build_cfg
 from gfocalv2.checkpoint import CheckpointError, UnreadableCheckpointError, checkpointer_for
-from gfocalv2.engine.config_checks import (
+from gfocalv2.config_checks import (
     ConfigValueError,
     UnknownConfigKeyError,
     merge_config_list,

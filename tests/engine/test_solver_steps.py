@@ -9,7 +9,7 @@ import pytest
 from tests.utils.reliability import DIGITS_CONFIG, capture_logs, make_trainer, messages, tiny_cfg
 
 from gfocalv2.engine import build_cfg
-from gfocalv2.engine.config_checks import ConfigValueError, check_solver_steps
+from gfocalv2.config_checks import ConfigValueError, check_solver_steps
 
 
 def test_steps_at_or_after_max_iter_are_dropped_and_training_runs(coco_dataset, tmp_path):

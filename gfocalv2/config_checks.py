@@ -19,7 +19,7 @@ import re
 
 from detectron2.config import CfgNode
 
-from ..data.transforms import check_resize_backend
+from .data.transforms import check_resize_backend
 
 __all__ = [
     "check_solver_steps",

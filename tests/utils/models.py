@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
+import gfocalv2.modeling  # noqa: F401  (registers GFocalV2, for build_model in any process)
 from gfocalv2 import add_gfocalv2_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -136,7 +136,8 @@ def run_child(args):
         "SEED", "0",
         *args.opts,
     ]  # fmt: skip
-    register = [("bench_train", os.path.join(args.data, "train.json"), os.path.join(args.data, "images"))]
+    data = args.data
+    register = [("bench_train", os.path.join(data, "train.json"), os.path.join(data, "images"))]
     cfg = build_cfg(CONFIG, opts, register_coco=register)
     me = os.getpid()
     samples = []
@@ -222,12 +223,18 @@ def main(argv=None):
     json_path = os.path.join(args.data, "train.json")
     if not os.path.isfile(json_path):
         if not args.make:
-            sys.exit(f"{json_path} does not exist: generate it (--make, or tools/make_coco_sized_dataset.py)")
+            sys.exit(
+                f"{json_path} does not exist: generate it (--make, or "
+                "tools/make_coco_sized_dataset.py)"
+            )
         from tools.make_coco_sized_dataset import make_dataset
 
         print(f"Generating {args.images} images under {args.data} ...", flush=True)
         _, _, stats = make_dataset(args.data, args.images, args.annotations)
-        print(f"  {stats['annotations']} annotations, json {stats['json_MiB']:.0f} MiB, {stats['seconds']:.0f} s")
+        print(
+            f"  {stats['annotations']} annotations, json {stats['json_MiB']:.0f} MiB, "
+            f"{stats['seconds']:.0f} s"
+        )
     variants = [(name, name, None) for name in ([args.only] if args.only else LOADERS)]
     if args.before:
         variants.append(("before", "gfocalv2", os.path.abspath(args.before)))
@@ -292,7 +299,8 @@ def main(argv=None):
     }
     labels = list(runs)
     ratios = [x for x in labels if x != "detectron2"] if "detectron2" in runs else []
-    print(f"{'':42s}" + "".join(f"{n:>12s}" for n in labels) + "".join(f"{r + '/D2':>16s}" for r in ratios))
+    header = f"{'':42s}" + "".join(f"{n:>12s}" for n in labels)
+    print(header + "".join(f"{r + '/D2':>16s}" for r in ratios))
     for k, label, fmt in keys:
         row = f"{label:42s}" + "".join(f"{fmt.format(med[n][k]):>12s}" for n in labels)
         for r in ratios:

@@ -23,6 +23,12 @@ image with an empty annotation list       kept (negatives only) unless
                                           ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``; no image
                                           left with a box for training: error
 ========================================  ==================================================
+
+With several processes (``torch.distributed``), the image files are checked once for all of
+them: each process checks a contiguous share of the records and the problems found are
+all-gathered (:func:`find_image_problems`), so every process drops the same images (the
+training sampler's indices must mean the same image in every process). Loading is then a
+collective call. The json itself is still loaded by every process.
 """
 
 import contextlib
@@ -347,9 +353,7 @@ def find_image_problems(
             raise error
         for r, (_, other_error) in enumerate(gathered):
             if other_error is not None:
-                raise DatasetError(
-                    f"checking the image files failed in process {r}: {other_error}"
-                )
+                raise DatasetError(f"checking the image files failed in process {r}: {other_error}")
         local = [p for part, _ in gathered for p in part]
         logger.debug(
             "Checked image files %d..%d of %d here, the others in %d other processes",

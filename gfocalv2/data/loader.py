@@ -19,6 +19,15 @@ batches images in the order workers return them. Here:
   is logged (once per file) and replaced by another image chosen from the same seed;
   ``max_consecutive_failures`` failures in a row stop the run with a :class:`DataLoadingError`
   listing the files.
+
+Memory (COCO-sized datasets): the dataset dicts are serialized once, in the main process, into
+one NumPy byte buffer + offsets (Detectron2's ``DatasetFromList(serialize=True)``), and the
+Python list of dicts is dropped. DataLoader workers share that buffer with the main process
+(a forked process only copies the pages it writes to; reading a Python object writes its
+reference count, so a list of dicts would be copied page by page into every worker as it reads
+them). The sampler's per-image data (aspect-ratio group, repeat factor) are compact arrays
+computed before serializing, and the annotation keys the model does not read (``segmentation``
+and ``keypoints`` of a box detector, ...) are dropped before that.
 """
 
 import contextlib
@@ -40,7 +49,9 @@ __all__ = [
     "RobustMapDataset",
     "build_resumable_train_loader",
     "build_checked_test_loader",
+    "annotation_keys_for",
     "seeded_rngs",
+    "serialize_records",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,14 +141,28 @@ class ResumableBatchSampler(torchdata.Sampler):
         self.rank = comm.get_rank() if rank is None else rank
         self.world_size = comm.get_world_size() if world_size is None else world_size
         self.start_iter = int(start_iter)
-        self.groups = None
+        self._groups = None  # bytes: one aspect-ratio group (0 or 1) per image
         if sizes is not None:
-            self.groups = [0 if w > h else 1 for w, h in sizes]
+            if isinstance(sizes, np.ndarray):
+                self._groups = (sizes[:, 0] <= sizes[:, 1]).astype(np.uint8).tobytes()
+            else:
+                self._groups = bytes(0 if w > h else 1 for w, h in sizes)
         if repeat_factors is not None:
             repeat_factors = torch.as_tensor(repeat_factors, dtype=torch.float32)
             self._int_part = torch.trunc(repeat_factors)
             self._frac_part = repeat_factors - self._int_part
         self.repeat = repeat_factors is not None
+
+    @property
+    def grouped(self):
+        """Whether batches are grouped by aspect ratio."""
+        return self._groups is not None
+
+    @property
+    def groups(self):
+        """Per image, its aspect-ratio group (0: landscape, 1: portrait or square), as a new list;
+        None without grouping."""
+        return None if self._groups is None else list(self._groups)
 
     def set_start_iter(self, start_iter):
         self.start_iter = int(start_iter)
@@ -172,12 +197,13 @@ class ResumableBatchSampler(torchdata.Sampler):
 
     def _batches(self):
         stream = itertools.islice(self._global_stream(), self.rank, None, self.world_size)
-        if self.groups is None:
+        if self._groups is None:
             while True:
                 yield list(itertools.islice(stream, self.batch_size))
+        groups = self._groups
         buckets = ([], [])
         for idx, pos in stream:
-            bucket = buckets[self.groups[idx]]
+            bucket = buckets[groups[idx]]
             bucket.append((idx, pos))
             if len(bucket) == self.batch_size:
                 yield bucket[:]
@@ -187,11 +213,30 @@ class ResumableBatchSampler(torchdata.Sampler):
         return itertools.islice(self._batches(), self.start_iter, None)
 
 
+def serialize_records(dataset_dicts):
+    """The records as Detectron2's ``DatasetFromList(serialize=True)``: one NumPy byte buffer
+    of pickled records + their offsets, which DataLoader workers read without copying it."""
+    from detectron2.data.common import DatasetFromList
+
+    return DatasetFromList(dataset_dicts, copy=False, serialize=True)
+
+
 class RobustMapDataset(torchdata.Dataset):
-    """Maps ``dataset_dicts[index]`` for keys ``(index, stream_position)`` (see module doc)."""
+    """Maps ``records[index]`` for keys ``(index, stream_position)`` (see module doc).
+
+    Args:
+        dataset_dicts: the records: a list of dataset dicts (serialized here, and not kept:
+            see :func:`serialize_records`), or a dataset of records already serialized.
+        mapper: maps a record (a fresh copy at each read) to the model's input.
+        seed: seed of the augmentations and replacements, with the stream position.
+        max_consecutive_failures: images in a row that may fail before
+            :class:`DataLoadingError`.
+    """
 
     def __init__(self, dataset_dicts, mapper, seed, max_consecutive_failures=10):
-        self.dicts = dataset_dicts
+        if isinstance(dataset_dicts, list):
+            dataset_dicts = serialize_records(dataset_dicts)
+        self.records = dataset_dicts
         self.mapper = mapper
         self.seed = int(seed)
         self.max_consecutive_failures = max(0, int(max_consecutive_failures))
@@ -200,7 +245,7 @@ class RobustMapDataset(torchdata.Dataset):
         self.num_failures = 0
 
     def __len__(self):
-        return len(self.dicts)
+        return len(self.records)
 
     def _fail(self, record, error):
         name = record.get("file_name", f"image_id {record.get('image_id')}")
@@ -224,7 +269,7 @@ class RobustMapDataset(torchdata.Dataset):
     def __getitem__(self, key):
         index, pos = key if isinstance(key, tuple) else (key, key)
         for attempt in itertools.count():
-            record = self.dicts[index]
+            record = self.records[index]
             error = None
             try:
                 with seeded_rngs(_mix(self.seed, pos, attempt)):
@@ -235,7 +280,7 @@ class RobustMapDataset(torchdata.Dataset):
                 self._consecutive = []
                 return out
             self._fail(record, error)
-            index = random.Random(_mix(self.seed, pos, attempt, 1)).randrange(len(self.dicts))
+            index = random.Random(_mix(self.seed, pos, attempt, 1)).randrange(len(self.records))
 
 
 class ResumableTrainLoader:
@@ -291,8 +336,35 @@ def data_seed_from_cfg(cfg):
     return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed() % (2**31)
 
 
-def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
+#: The annotation keys Detectron2's ``DatasetMapper`` (and so :class:`RobustDatasetMapper`) reads
+#: for boxes: ``transform_instance_annotations`` / ``annotations_to_instances`` read bbox,
+#: bbox_mode and category_id, the mapper drops crowd annotations (iscrowd). Masks add
+#: "segmentation", keypoints "keypoints".
+BOX_ANNOTATION_KEYS = ("bbox", "bbox_mode", "category_id", "iscrowd")
+
+
+def annotation_keys_for(cfg):
+    """The annotation keys the training mapper of ``cfg`` reads: :data:`BOX_ANNOTATION_KEYS`,
+    plus "segmentation" with ``MODEL.MASK_ON`` and "keypoints" with ``MODEL.KEYPOINT_ON``."""
+    keys = list(BOX_ANNOTATION_KEYS)
+    if cfg.MODEL.MASK_ON:
+        keys.append("segmentation")
+    if cfg.MODEL.KEYPOINT_ON:
+        keys.append("keypoints")
+    return tuple(keys)
+
+
+def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None, annotation_keys="auto"):
     """The training loader of the module docstring, from a config.
+
+    Args:
+        mapper: default :class:`~gfocalv2.data.mapper.RobustDatasetMapper`.
+        dataset_dicts: default: ``DATASETS.TRAIN`` loaded and checked by
+            :func:`~gfocalv2.data.validation.load_dataset_dicts` (the image files checked once
+            for all processes: every process must call this function).
+        annotation_keys: the annotation keys kept in the records loaded here; "auto":
+            :func:`annotation_keys_for` with the default mapper, all of them with another one;
+            None: all of them.
 
     Returns a :class:`ResumableTrainLoader` (``set_start_iter``, and ``batch_sampler.set_seed``,
     before the first batch).
@@ -300,12 +372,15 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
     from .mapper import RobustDatasetMapper
     from .validation import load_dataset_dicts
 
+    if isinstance(annotation_keys, str) and annotation_keys == "auto":
+        annotation_keys = annotation_keys_for(cfg) if mapper is None else None
     if dataset_dicts is None:
         dataset_dicts = load_dataset_dicts(
             cfg.DATASETS.TRAIN,
             is_train=True,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             check_images=cfg.DATASETS.CHECK_IMAGES,
+            annotation_keys=annotation_keys,
         )
     if mapper is None:
         mapper = RobustDatasetMapper(cfg, True)
@@ -318,6 +393,7 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
         )
     seed = data_seed_from_cfg(cfg)
     sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
+    # what the sampler needs from the records, as compact arrays, before they are serialized
     if sampler_name == "TrainingSampler":
         repeat_factors = None
     elif sampler_name == "RepeatFactorTrainingSampler":
@@ -331,18 +407,24 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
         )
     sizes = None
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
-        sizes = [(d.get("width", 1), d.get("height", 1)) for d in dataset_dicts]
+        sizes = np.array(
+            [(d.get("width", 1), d.get("height", 1)) for d in dataset_dicts], dtype=np.float64
+        ).reshape(-1, 2)
+    num_images = len(dataset_dicts)
     batch_sampler = ResumableBatchSampler(
-        len(dataset_dicts), total // world_size, seed, sizes=sizes, repeat_factors=repeat_factors
+        num_images, total // world_size, seed, sizes=sizes, repeat_factors=repeat_factors
     )
-    dataset = RobustMapDataset(dataset_dicts, mapper, seed, cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES)
+    del sizes
+    records = serialize_records(dataset_dicts)
+    del dataset_dicts  # the list of dicts (when loaded here) is freed: only the bytes are kept
+    dataset = RobustMapDataset(records, mapper, seed, cfg.DATALOADER.MAX_CONSECUTIVE_FAILURES)
     logger.info(
         "Training data: %d images, %d per batch per GPU, seed %d, resumable order (%s%s)",
-        len(dataset_dicts),
+        num_images,
         total // world_size,
         seed,
         sampler_name,
-        ", aspect-ratio grouping" if sizes is not None else "",
+        ", aspect-ratio grouping" if batch_sampler.grouped else "",
     )
     return ResumableTrainLoader(
         torchdata.DataLoader(
@@ -357,8 +439,9 @@ def build_resumable_train_loader(cfg, mapper=None, dataset_dicts=None):
 
 def build_checked_test_loader(cfg, dataset_name, mapper=None):
     """Detectron2's test loader, over dataset dicts checked by :func:`load_dataset_dicts`
-    (missing images are an error: the evaluation would be wrong) and with the
-    :class:`~gfocalv2.data.mapper.RobustDatasetMapper` (failures name the file)."""
+    (missing images are an error: the evaluation would be wrong; the image files are checked
+    once for all processes, so every process must build it, as Detectron2's trainer does) and
+    with the :class:`~gfocalv2.data.mapper.RobustDatasetMapper` (failures name the file)."""
     from detectron2.data import build_detection_test_loader
 
     from .mapper import RobustDatasetMapper

@@ -119,7 +119,9 @@ def loadavg():
 def run_child(args):
     if args.src:  # the gfocalv2 package of another tree
         sys.path.insert(0, args.src)
-    import gfocalv2  # noqa: F401  (Detectron2 compat first)
+    from gfocalv2 import compat
+
+    compat.apply()  # the fixes before Detectron2 is imported (an entry point)
     from detectron2.data import build_detection_train_loader
 
     from gfocalv2.data.loader import build_resumable_train_loader
@@ -175,7 +177,7 @@ def run_child(args):
         + json.dumps(
             {
                 "loader": args.child,
-                "gfocalv2": os.path.dirname(gfocalv2.__file__),
+                "gfocalv2": os.path.dirname(os.path.dirname(compat.__file__)),
                 "build_s": built,
                 "first_batch_s": first,
                 "total_s": total,

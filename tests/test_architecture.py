@@ -1,6 +1,6 @@
 """The package's import direction (docs/architecture.md): tools -> engine -> checkpoint |
-visualize -> data | modeling | evaluation -> config | compat, read from the source of every
-module (no import is executed)."""
+config_checks | visualize -> data | modeling | evaluation | spawn -> config | compat, read from
+the source of every module (no import is executed)."""
 
 import ast
 import pathlib

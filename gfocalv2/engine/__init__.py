@@ -1,9 +1,8 @@
 """The Detectron2 workflow of gfocalv2, shared by ``train_net.py``, the tools of
-``python -m gfocalv2.<tool>`` and the example projects: the config of a run, the
-``Trainer``, several processes, checkpoints, evaluation, prediction.
-
-Importing it imports :mod:`gfocalv2` first, which sets Detectron2 up for this project when
-Detectron2 is first imported (see ``gfocalv2/__init__.py``).
+``python -m gfocalv2.<tool>`` and the example projects: the config of a run, the ``Trainer``
+(Detectron2's ``DefaultTrainer`` with the overrides of ``trainer.py``) and its hooks, several
+processes (Detectron2's ``launch``), prediction. Entry points call ``gfocalv2.compat.apply()``
+before importing it (see ``gfocalv2/__init__.py``).
 """
 
 from ..data.datasets import check_datasets_registered, get_thing_classes, register_coco_datasets

@@ -18,9 +18,11 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 
 import torch
 import torch.multiprocessing as mp
+from detectron2.engine import default_argument_parser
 from detectron2.engine import launch as detectron2_launch
 from detectron2.modeling import build_model
 
@@ -31,6 +33,9 @@ from ..spawn import WorkerMain
 __all__ = ["LaunchError", "check_launch", "check_batch_norm", "launch", "launch_from_args"]
 
 logger = logging.getLogger(__name__)
+
+#: What ``--dist-url`` is when it is not given (Detectron2's ``default_argument_parser``).
+_DEFAULT_DIST_URL = default_argument_parser().get_default("dist_url")
 
 
 class LaunchError(ConfigError):
@@ -137,7 +142,15 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # read by each worker's torch at start
     backend = "NCCL" if _uses_cuda(device) and torch.cuda.is_available() else "gloo"
-    where = dist_url if dist_url != "auto" else "a free local port"
+    rendezvous = None
+    if num_machines == 1 and dist_url in ("auto", _DEFAULT_DIST_URL):
+        # Detectron2's default is one port per user (tcp://127.0.0.1:49152 for root) and "auto"
+        # picks a free port that another job may take before the workers bind it: two jobs on
+        # one machine then fail with "address already in use", or meet at the same port. A file
+        # of this launch's own is a rendezvous no other job can reach.
+        rendezvous = tempfile.TemporaryDirectory(prefix="gfocalv2_rendezvous_")
+        dist_url = "file://" + os.path.join(rendezvous.name, "store")
+    where = dist_url
     print(
         f"Starting {num_gpus_per_machine} processes ({backend}"
         + (f", {os.environ['OMP_NUM_THREADS']} CPU thread(s) each" if backend == "gloo" else "")
@@ -171,6 +184,8 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if rendezvous is not None:
+            rendezvous.cleanup()
 
 
 def launch_from_args(main_func, args, *, prepare=None):

@@ -271,6 +271,21 @@ def test_evaluation_failing_in_one_process_during_training(data, tmp_path):
     assert seconds < 60
 
 
+def test_two_jobs_on_one_machine_with_the_default_dist_url(data, tmp_path):
+    """Two 2-process jobs at once on one machine, neither giving --dist-url: each meets its own
+    workers (Detectron2's default is one fixed port per user, which the second job would find
+    taken, or share)."""
+    no_eval = ["DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0"]
+    procs = [
+        start(["--num-gpus", "2", *run_opts(data, tmp_path / j, max_iter=2, extra=no_eval)])
+        for j in ("a", "b")
+    ]
+    for j, proc in zip(("a", "b"), procs):
+        code, log = finish(proc, TIMEOUT, logs=tmp_path / j)
+        assert code == 0, log[-4000:]
+        assert (tmp_path / j / "model_final.pth").is_file()
+
+
 def _free_port():
     import socket
 

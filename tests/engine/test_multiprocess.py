@@ -315,6 +315,25 @@ def test_two_machines_on_one_host_train_together(data, tmp_path):
     assert not list((tmp_path / "m1").glob("*.pth"))  # rank 1 saves nothing
 
 
+def _read_until(proc, text, timeout):
+    """What ``proc`` printed until ``text`` appeared (without blocking past ``timeout``)."""
+    import select
+
+    out, end = b"", time.monotonic() + timeout
+    while text.encode() not in out and time.monotonic() < end and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            out += os.read(proc.stdout.fileno(), 65536)
+    return out.decode(errors="replace")
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _children(pid):
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(c) for c in f.read().split()]
@@ -340,10 +359,12 @@ def test_a_machine_whose_peer_never_comes_says_so_and_stops(data, tmp_path, stop
     behind."""
     url = f"tcp://127.0.0.1:{_free_port()}"
     proc = _machine(data, tmp_path, 0, url)
+    said = _read_until(proc, "processes to join at " + url, TIMEOUT)  # the launcher's line
+    assert "machine 0 of 2: they wait for all 2 processes to join at " + url in said, said
     worker = None
     end = time.monotonic() + TIMEOUT
     while worker is None and time.monotonic() < end:  # the worker has started and waits
-        kids = _children(proc.pid)
+        kids = [k for k in _children(proc.pid) if "spawn_main" in _cmdline(k)]
         worker = kids[0] if kids else None
         time.sleep(0.2)
     assert worker is not None, finish(proc, 30)[1][-3000:]
@@ -351,7 +372,6 @@ def test_a_machine_whose_peer_never_comes_says_so_and_stops(data, tmp_path, stop
     assert proc.poll() is None
     proc.send_signal(getattr(signal, stop))
     code, log = finish(proc, 30)
-    assert "machine 0 of 2: they wait for all 2 processes to join at " + url in log
     if stop == "SIGTERM":
-        assert code == 128 + signal.SIGTERM and "Traceback" not in log, log[-3000:]
+        assert code == 128 + signal.SIGTERM and "Traceback" not in log, said + log[-3000:]
     assert _gone(worker, within=10), f"worker {worker} outlived its launcher"

@@ -118,7 +118,11 @@ def test_the_training_dataset_holds_serialized_records_only(full_fields, tmp_pat
     reachable = _reachable(dataset, skip=[dataset.mapper])
     assert not [o for o in reachable if isinstance(o, dict) and "file_name" in o]
     assert not [o for o in reachable if isinstance(o, list) and o and isinstance(o[0], dict)]
+    # Detectron2 0.6 keeps the pickled records in a NumPy byte array, later versions in a torch one
     buffers = [o for o in reachable if isinstance(o, np.ndarray) and o.dtype == np.uint8]
+    buffers += [
+        o.numpy() for o in reachable if isinstance(o, torch.Tensor) and o.dtype == torch.uint8
+    ]
     assert buffers and max(b.nbytes for b in buffers) > 1000  # the pickled records
     # what the records hold: the loaded ones, in order
     assert len(dataset) == len(registered)

@@ -255,11 +255,12 @@ def launch_workers(worker, num_processes, *args):
 
 _dump_stacks_on_sigusr1()  # the harness, its workers (spawned: they import it) and the tests
 
-if __name__ == "__main__":  # an entry point: the fixes before anything imports Detectron2
-    from gfocalv2 import compat
+if __name__ in ("__main__", "__mp_main__"):  # an entry point, in the launcher and its workers
+    from gfocalv2 import compat  # (spawned: they import it first, as train_net.py)
 
-    compat.apply()
+    compat.apply()  # the fixes before anything imports Detectron2
 
+if __name__ == "__main__":
     from gfocalv2.engine import workflow_argument_parser
     from gfocalv2.engine.launch import launch_from_args
 

@@ -32,17 +32,21 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["gfocalv2", "gfocalv2.*"]),
     package_data={"gfocalv2": ["model_zoo/configs/**/*.yaml"]},
-    python_requires=">=3.8",
+    # Tested with Python 3.11 only; the pinned torch 2.14.1 of requirements.txt (and
+    # faster-coco-eval) need >= 3.10.
+    python_requires=">=3.10",
     # Detectron2 itself is not declared: PyPI has no installable 'detectron2'
     # distribution, and users often build it from source. tools/install_detectron2.py
     # (run by `make install`) provides one when none is installed.
     install_requires=[
-        "torch>=1.10",
-        "torchvision>=0.11",
+        # torch.library.custom_op / register_fake (the exported NMS operator) are torch >= 2.4,
+        # whose torchvision is 0.19. Tested with torch 2.14.1 / torchvision 0.29.1 only.
+        "torch>=2.4",
+        "torchvision>=0.19",
         "fvcore>=0.1.5",
         "pycocotools>=2.0.2",
-        # COCO evaluation without compiled ops; pycocotools does it (slower) on Python < 3.10
-        "faster-coco-eval>=1.8.0; python_version >= '3.10'",
+        # COCO evaluation without compiled ops (pycocotools does it, slower, where it is missing)
+        "faster-coco-eval>=1.8.0",
         "numpy",
         "Pillow",
         "opencv-python-headless",
@@ -51,7 +55,7 @@ setup(
     extras_require={
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "demo": ["scikit-learn"],
-        "test": ["pytest", "scikit-learn", "onnx", "onnxruntime", "onnxscript"],
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={
         "console_scripts": [

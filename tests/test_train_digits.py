@@ -7,15 +7,20 @@ import sys
 
 import pytest
 
-from tests.utils.workflow import REPO
+from tests.utils.workflow import REPO, env_with_repo_on_pythonpath
 
 SCRIPT = REPO / "projects" / "DigitScenes" / "train_digits.py"
 
 
 @pytest.mark.parametrize("script", [REPO / "train_net.py", SCRIPT])
 def test_cli_help(script):
+    # This checkout's gfocalv2 (first on PYTHONPATH), not whichever one the venv has installed.
     out = subprocess.run(
-        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_with_repo_on_pythonpath(),
     )
     assert out.returncode == 0, out.stderr
     assert (
@@ -26,7 +31,7 @@ def test_cli_help(script):
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the subprocess's own limit is 600 s
 def test_train_digits_end_to_end(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = env_with_repo_on_pythonpath(dict(os.environ, OMP_NUM_THREADS="1"))
     out_dir = tmp_path / "out"
     cmd = [
         sys.executable,

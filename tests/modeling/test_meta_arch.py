@@ -3,6 +3,7 @@ inference semantics, GFLV1, config errors and mixed precision."""
 
 import pytest
 import torch
+import torchvision
 
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
@@ -211,10 +212,73 @@ def test_gflv1_by_configuration():
     assert model.head.dgqp is None and not any("dgqp" in k for k in model.state_dict())
     model.train()
     losses = model([random_input(g, 64, 64, 2, 3)])
-    assert all(torch.isfinite(v) for v in losses.values())
-    model.eval()
+    assert set(losses) == {"loss_qfl", "loss_giou", "loss_dfl"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+
+
+def gflv1_reference_detections(model, cls_logits, box_logits, image_size):
+    """GFL (V1) inference computed here from the head's outputs alone, as the paper and the
+    reference define it: score = sigmoid(class logit) (no quality factor), side distances =
+    expectation of softmax over the bins 0..reg_max times the level's stride, measured from
+    the location (x * stride, y * stride), clipped to the image; class-wise NMS (torchvision's
+    own), best ``max_detections_per_image``. Every location of these small maps is a candidate
+    (fewer than TOPK_CANDIDATES_TEST per level)."""
+    R, C = model.reg_max, model.num_classes
+    boxes, scores = [], []
+    for stride, cls, box in zip(model.anchor_generator.strides, cls_logits, box_logits):
+        _, _, H, W = cls.shape
+        assert H * W <= model.test_topk_candidates
+        ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        centers = torch.stack([xs, ys], -1).reshape(-1, 2).float() * stride
+        prob = box[0].reshape(4, R + 1, H * W).permute(2, 0, 1).softmax(-1)  # (HW, 4, R+1)
+        dist = (prob * torch.arange(R + 1.0)).sum(-1) * stride  # (HW, 4): l, t, r, b
+        b = torch.cat([centers - dist[:, :2], centers + dist[:, 2:]], 1)
+        h, w = image_size
+        boxes.append(torch.minimum(b.clamp(min=0), torch.tensor([w, h, w, h], dtype=b.dtype)))
+        scores.append(cls[0].reshape(C, H * W).t().sigmoid())
+    boxes, scores = torch.cat(boxes), torch.cat(scores)
+    loc, cls = (scores > model.test_score_thresh).nonzero(as_tuple=True)
+    keep = torchvision.ops.batched_nms(boxes[loc], scores[loc, cls], cls, model.test_nms_thresh)
+    keep = keep[: model.max_detections_per_image]
+    return boxes[loc][keep], scores[loc, cls][keep], cls[keep]
+
+
+def test_gflv1_inference_is_sigmoid_class_scores_and_decoded_distributions():
+    """GFL (V1)'s detections are those computed independently from its head's outputs (above):
+    scores are the class sigmoids with no quality factor, boxes the decoded distributions."""
+    torch.manual_seed(0)
+    model = build_model(
+        gfocal_cfg("MODEL.GFOCAL.DGQP_ENABLED", False, "MODEL.PIXEL_STD", [50.0] * 3, tiny=True)
+    ).eval()
+    with torch.no_grad():  # scores and boxes that vary over locations and classes
+        model.head.cls_score.weight.normal_(0.0, 0.05)
+        model.head.cls_score.bias.fill_(-1.5)
+        model.head.bbox_pred.weight.normal_(0.0, 0.05)
+    outputs = []
+    handle = model.head.register_forward_hook(lambda m, i, out: outputs.append(out))
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(4)) * 255
     with torch.no_grad():
-        model([{"image": torch.rand(3, 64, 64) * 255}])
+        got = model([{"image": image}])[0]["instances"]
+    handle.remove()
+    cls_logits, box_logits, quality_logits = outputs[0]
+    assert quality_logits == []  # no DGQP output at all
+    boxes, scores, classes = gflv1_reference_detections(model, cls_logits, box_logits, (96, 128))
+    assert 20 <= len(scores) <= model.max_detections_per_image
+    assert len(got) == len(scores)
+    # Matched one to one (two scores within float32 rounding may come in either order): same
+    # class, scores within a few float32 ulps (2^-20 relative; a quality factor would halve
+    # them), box corners within float32 rounding of two decodings of <= 128-px coordinates
+    # (128 x 2^-20 ~ 1e-4 px).
+    free = torch.ones(len(scores), dtype=torch.bool)
+    for box, score, c in zip(got.pred_boxes.tensor, got.scores, got.pred_classes):
+        close = (
+            free
+            & (classes == c)
+            & ((scores - score).abs() <= 2**-20 * score)
+            & ((boxes - box).abs().amax(1) <= 1e-4)
+        )
+        assert close.any(), (box, score, c)
+        free[close.nonzero()[0, 0]] = False
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,37 @@ def _argv(setup, *extra):
     ]
 
 
-def test_demo_writes_images_for_files_dirs_and_globs(setup, tmp_path):
+@pytest.fixture
+def fixed_colors(monkeypatch):
+    """Detectron2's Visualizer draws each detection in a random colour (``random_color``, from
+    NumPy's global generator): one colour instead, so that two drawings of the same detections
+    are the same pixels."""
+    import detectron2.utils.visualizer as visualizer
+
+    def one_color(rgb=False, maximum=255):
+        return np.array([1.0, 0.2, 0.0]) * maximum
+
+    monkeypatch.setattr(visualizer, "random_color", one_color)
+
+
+def expected_drawing(setup, image_path, threshold=0.0):
+    """(the predictor's detections scoring >= threshold on the image, their drawing by
+    Detectron2's Visualizer as a BGR image), computed here: what the demo must write."""
+    from detectron2.data.detection_utils import read_image
+    from detectron2.utils.visualizer import ColorMode, Visualizer
+
+    cfg = demo.setup_demo_cfg(demo.get_parser().parse_args(_argv(setup, "--input", image_path)))
+    tool = demo.VisualizationDemo(cfg, threshold)
+    bgr = read_image(image_path, format="BGR")
+    instances = tool.predictor(bgr)["instances"].to("cpu")
+    instances = instances[instances.scores >= threshold]
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    vis = Visualizer(rgb, tool.metadata, instance_mode=ColorMode.IMAGE)
+    rgb = vis.draw_instance_predictions(instances).get_image()
+    return instances, np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def test_demo_writes_images_for_files_dirs_and_globs(setup, tmp_path, fixed_colors):
     images = setup["images"]
     other = tmp_path / "other"
     other.mkdir()
@@ -71,22 +101,38 @@ def test_demo_writes_images_for_files_dirs_and_globs(setup, tmp_path):
     assert written == ["000000.png", "000001.png", "000002.png", "000003.png"]
     import cv2
 
-    drawn = cv2.imread(str(out / "000001.png"))
-    original = cv2.imread(os.path.join(images, "000001.png"))
-    assert drawn.shape == original.shape and not np.array_equal(drawn, original)  # boxes were drawn
+    # Each file is the drawing of the predictor's detections on its own input (PNG: lossless).
+    for name, source in [
+        ("000000.png", other / "000000.png"),
+        ("000001.png", os.path.join(images, "000001.png")),
+        ("000003.png", os.path.join(images, "000003.png")),
+    ]:
+        instances, expected = expected_drawing(setup, str(source))
+        assert len(instances) > 0
+        original = cv2.imread(str(source))
+        assert not np.array_equal(expected, original)  # the detections change the image
+        np.testing.assert_array_equal(cv2.imread(str(out / name)), expected, err_msg=name)
 
 
-def test_demo_single_image_to_file(setup, tmp_path):
+def test_demo_single_image_to_file(setup, tmp_path, fixed_colors):
+    """``--output`` naming a file: that file, the drawing of the image's detections above the
+    threshold (JPEG: compared with the expected drawing encoded the same way)."""
+    import cv2
+
+    source = os.path.join(setup["images"], "000000.png")
+    all_instances, _ = expected_drawing(setup, source)
+    # The median score: the threshold selects about half of the detections.
+    threshold = float(all_instances.scores.sort().values[len(all_instances) // 2])
     out = tmp_path / "sub" / "pred.jpg"
-    assert (
-        demo.main(
-            _argv(
-                setup, "--input", os.path.join(setup["images"], "000000.png"), "--output", str(out)
-            )
-        )
-        == 0
-    )
-    assert out.is_file()
+    argv = _argv(setup, "--input", source, "--output", str(out))
+    argv[argv.index("--confidence-threshold") + 1] = repr(threshold)
+    assert demo.main(argv) == 0
+    assert os.listdir(tmp_path / "sub") == ["pred.jpg"]
+    instances, expected = expected_drawing(setup, source, threshold)
+    assert 0 < len(instances) < len(all_instances)
+    ok, encoded = cv2.imencode(".jpg", expected)
+    assert ok
+    np.testing.assert_array_equal(cv2.imread(str(out)), cv2.imdecode(encoded, cv2.IMREAD_COLOR))
 
 
 def test_expand_inputs_names_the_problems(setup, tmp_path):
@@ -180,7 +226,7 @@ def test_digit_scenes_demo_script_help(tmp_path):
     import subprocess
     import sys
 
-    from tests.utils.workflow import REPO
+    from tests.utils.workflow import REPO, env_with_repo_on_pythonpath
 
     script = REPO / "projects" / "DigitScenes" / "demo.py"
     out = subprocess.run(
@@ -189,6 +235,7 @@ def test_digit_scenes_demo_script_help(tmp_path):
         text=True,
         timeout=120,
         cwd=str(tmp_path),
+        env=env_with_repo_on_pythonpath(),  # this checkout's gfocalv2, not the installed one
     )
     assert out.returncode == 0, out.stderr
     for flag in ("--config-file", "--input", "--register-coco", "--opts", "--data-root"):

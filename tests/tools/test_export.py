@@ -84,6 +84,66 @@ def test_exported_graph_matches_pytorch_at_any_size(exported, fmt):
     assert min(counts) >= 10, counts  # real detections were compared
 
 
+LOAD_IN_A_FRESH_PROCESS = """
+import sys
+import torch
+{imports}
+program, image, output = sys.argv[1:]
+module = torch.export.load(program).module()
+with torch.no_grad():
+    torch.save(tuple(module(torch.load(image), torch.tensor(0.05))), output)
+"""
+
+
+def load_in_a_fresh_process(program, image, tmp_path, imports):
+    """Runs the ``.pt2`` program on ``image`` in a new Python process that first runs
+    ``imports``; returns (the process, its (boxes, scores, classes) or None)."""
+    import subprocess
+    import sys
+
+    from tests.utils.workflow import env_with_repo_on_pythonpath
+
+    torch.save(image, tmp_path / "image.pt")
+    output = tmp_path / "detections.pt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_IN_A_FRESH_PROCESS.format(imports=imports),
+            program,
+            str(tmp_path / "image.pt"),
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+        env=env_with_repo_on_pythonpath(),  # this checkout's gfocalv2
+    )
+    return proc, torch.load(output) if output.exists() else None
+
+
+def test_pt2_loads_in_a_fresh_process_after_importing_the_nms_operator(exported, tmp_path):
+    """A ``.pt2`` program loads and runs in a process other than the one that exported it, once
+    ``gfocalv2.modeling.deploy`` is imported (it registers ``gfocalv2::class_wise_nms``; importing
+    ``gfocalv2`` alone does not), and gives the exporting process's detections. Without that
+    import, ``torch.export.load`` fails and names the operator."""
+    model, files = exported
+    image = scene(5, 150, 170)
+    proc, got = load_in_a_fresh_process(
+        files["pt2"], image, tmp_path, "import gfocalv2.modeling.deploy"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = pytorch_detections(model, image, 0.05)
+    assert len(expected[0]) >= 10  # real detections
+    assert compare_detections(expected, got) is None, compare_detections(expected, got)
+
+    (tmp_path / "without").mkdir()
+    proc, got = load_in_a_fresh_process(files["pt2"], image, tmp_path / "without", "")
+    assert proc.returncode != 0 and got is None
+    assert "gfocalv2.class_wise_nms" in proc.stderr
+
+
 def test_score_threshold_is_an_input(exported):
     model, files = exported
     run = load_runner(files["onnx"])

@@ -9,7 +9,8 @@ Formats:
   (``torch.onnx.export(..., dynamo=True)``: ``torch.export`` + onnxscript). Run it with
   onnxruntime, or with :class:`gfocalv2.runtime.OnnxPredictor` (no torch, no Detectron2).
 * ``pt2``: ``DIR/model.pt2``, the ``torch.export`` program itself (``torch.export.load``;
-  ``import gfocalv2.modeling.deploy`` first, which registers the graph's NMS operator
+  ``gfocalv2.compat.apply()`` then ``import gfocalv2.modeling.deploy`` first, which registers the
+  graph's NMS operator
   ``gfocalv2::class_wise_nms``; ``import gfocalv2`` alone does not). TorchScript is not
   offered: ``torch.jit`` is deprecated, and a traced graph is frozen at one input size.
 

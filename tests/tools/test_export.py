@@ -131,7 +131,10 @@ def test_pt2_loads_in_a_fresh_process_after_importing_the_nms_operator(exported,
     model, files = exported
     image = scene(5, 150, 170)
     proc, got = load_in_a_fresh_process(
-        files["pt2"], image, tmp_path, "import gfocalv2.modeling.deploy"
+        files["pt2"],
+        image,
+        tmp_path,
+        "from gfocalv2 import compat; compat.apply(); import gfocalv2.modeling.deploy",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = pytorch_detections(model, image, 0.05)

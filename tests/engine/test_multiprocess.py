@@ -137,8 +137,9 @@ def test_a_hung_run_fails_with_every_process_stack_and_every_rank_log(tmp_path):
         finish(proc, 5, logs=tmp_path)
     report = str(e.value)
     assert "did not finish within 5 s (hang?)" in report
-    assert report.count("most recent call first") >= 3  # the launcher and the two workers
-    assert "in hanging_worker" in report and "in synchronize" in report  # rank 0's collective
+    tail = report[-6000:]
+    assert report.count("most recent call first") >= 3, tail  # the launcher and both workers
+    assert "in hanging_worker" in report and "in synchronize" in report, tail  # rank 0: collective
     assert "rank 0 is about to hang" in report and "rank 1 is about to hang" in report
     assert f"{tmp_path / 'log.txt.rank1'} (end)" in report
 

@@ -79,8 +79,9 @@ def start(argv, script=None, env=None, module=HARNESS):
     )
 
 
-#: Seconds the processes get to write their Python stacks before a hung run is killed.
-_STACK_DUMP_S = 3
+#: Seconds the processes get to write their Python stacks before a hung run is killed (3 s was
+#: once too short for a worker under a load of 7 on 2 cores).
+_STACK_DUMP_S = 10
 
 
 def finish(proc, timeout, logs=None):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.utils.multiprocess import finish, one_step_worker, run, run_opts, start
+from tests.utils.multiprocess import REPO, finish, one_step_worker, run, run_opts, start
 
 # the module's reference run (a fixture) and a test's own runs
 pytestmark = pytest.mark.timeout(600)
@@ -270,6 +270,29 @@ def test_evaluation_failing_in_one_process_during_training(data, tmp_path):
     assert _state(out / "model_0000002.pth")["iteration"] == 2
     assert not (out / "model_final.pth").exists()
     assert seconds < 60
+
+
+def test_a_published_config_trains_on_two_processes_with_its_own_norm(data, tmp_path):
+    """configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml as users run it with --num-gpus 2: its
+    R-50 with BNEval (statistics frozen, affine trained) and its GN head, only the size shrunk."""
+    from tests.utils.workflow import tiny_opts
+
+    config = os.path.join(REPO, "configs", "COCO-Detection", "gfocalv2_R_50_FPN_1x.yaml")
+    opts = tiny_opts(tmp_path, "mp_train", "mp_val", max_iter=2)
+    opts += ["SOLVER.IMS_PER_BATCH", "4", "MODEL.GFOCAL.NUM_CLASSES", "10", "SEED", "0"]
+    opts += ["DATASETS.TEST", "()", "MODEL.FPN.OUT_CHANNELS", "64"]
+    argv = ["--num-gpus", "2", "--config-file", config]
+    argv += ["--register-coco", "mp_train", *data["train"], *opts]
+    code, log, _ = run(argv, TIMEOUT, logs=tmp_path)
+    assert code == 0, log[-4000:]
+    assert "Starting 2 processes (gloo" in log and "MODEL.RESNETS.NORM" not in log
+    assert "World size: 2" in open(tmp_path / "log.txt").read()
+    state = _state(tmp_path / "model_final.pth")
+    assert state["iteration"] == 1
+    # BNEval: the backbone's running statistics are those it started with (none trained)
+    assert torch.equal(
+        state["model"]["backbone.bottom_up.res3.0.conv1.norm.running_var"], torch.ones(128)
+    )
 
 
 def test_two_jobs_on_one_machine_with_the_default_dist_url(data, tmp_path):

@@ -9,7 +9,7 @@
     python train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 4
     # resume from OUTPUT_DIR/last_checkpoint
     python train_net.py --config-file ... --resume
-    # evaluate a checkpoint
+    # evaluate a checkpoint (add TEST.AUG.ENABLED True for test-time augmentation too)
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     # your own COCO-format data, no code
     python train_net.py --config-file ... --register-coco my_train train.json images/ \\
@@ -42,6 +42,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:  # test-time augmentation (TEST.AUG), as Detectron2's train_net
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res

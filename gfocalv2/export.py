@@ -32,7 +32,8 @@ The ONNX file's metadata (``metadata_props``) carries what a deployer needs:
 
 The check after export runs the exported graph and the PyTorch model (as loaded, without the
 inference rewrites) on the sample image at three sizes (as at test time, then portrait and
-landscape sizes that are not multiples of 32) and on every ``--check-images`` file, and
+landscape sizes that are not multiples of 32; for ONNX also a strip below the coarsest stride,
+as an image of extreme aspect ratio becomes) and on every ``--check-images`` file, and
 compares boxes, scores and classes. It compares real detections: when the model finds none
 above its score threshold on an image (random weights), that image is compared at the
 threshold that keeps its 300 best (location, class) candidates instead, and the report says
@@ -82,23 +83,33 @@ logger = logging.getLogger("gfocalv2.export")
 
 INPUT_NAMES = ("image", "score_threshold")
 OUTPUT_NAMES = ("boxes", "scores", "classes")
-#: The largest height and width the exported graph accepts; the smallest is the model's
-#: (:func:`min_input_size`).
+#: The largest height and width the exported graph accepts; the smallest: :func:`min_input_size`.
 MAX_SIZE = 8192
 #: Candidates kept for the check when the model detects nothing at its own threshold.
 CHECK_CANDIDATES = 300
 
 
-def min_input_size(model: nn.Module) -> int:
-    """The smallest height and width the exported graph of ``model`` takes: its coarsest level
-    (e.g. P7, stride 128) then has at least 2 locations per side. The exported shapes assume it
-    (torch.export specializes a size-1 dimension); a smaller input fails in the runtime."""
+def min_input_size(model: nn.Module, fmt: str = "onnx") -> int:
+    """The smallest height and width the exported graph of ``model`` takes.
+
+    ONNX (``fmt`` "onnx"): 1, every size the PyTorch model takes. ``torch.export`` traces with
+    dimensions of at least 2 and adds guards where a size-1 dimension would change strides or
+    contiguity, not values; the ONNX graph keeps none of these guards, and it gives the model's
+    detections at any size (tested down to 1 pixel, and below the coarsest stride, where the
+    coarsest level has a single row or column).
+
+    A ``torch.export`` program (``fmt`` "pt2") checks its guards when called: its coarsest level
+    (e.g. P7, stride 128) must have at least 2 locations per side, so it takes sizes from the
+    coarsest stride + 1 (129 for P3-P7)."""
+    if fmt == "onnx":
+        return 1
     return int(max(model.anchor_generator.strides)) + 1
 
 
 def _dynamic_shapes(min_size: int):
-    height = torch.export.Dim("height", min=min_size, max=MAX_SIZE)
-    width = torch.export.Dim("width", min=min_size, max=MAX_SIZE)
+    # torch.export's dynamic dimensions start at 2 (0 and 1 are specialized)
+    height = torch.export.Dim("height", min=max(2, min_size), max=MAX_SIZE)
+    width = torch.export.Dim("width", min=max(2, min_size), max=MAX_SIZE)
     return {"image": {2: height, 3: width}, "score_threshold": None}
 
 
@@ -132,7 +143,7 @@ def export_metadata(cfg, class_names: Sequence[str], model: nn.Module) -> dict:
         "gfocalv2.resize_backend": cfg.INPUT.RESIZE_BACKEND,
         "gfocalv2.score_threshold": repr(float(g.SCORE_THRESH_TEST)),
         "gfocalv2.size_divisibility": str(model.backbone.size_divisibility),
-        "gfocalv2.min_input_size": str(min_input_size(model)),
+        "gfocalv2.min_input_size": str(min_input_size(model, "onnx")),
         "gfocalv2.architecture": "GFocalV2" if g.DGQP_ENABLED else "GFL",
         "gfocalv2.version": gfocalv2.__version__,
         "gfocalv2.config": cfg.dump(),
@@ -151,7 +162,7 @@ def export_onnx(model: nn.Module, image: Tensor, path: str, metadata: Optional[d
             deployable,
             _example_inputs(deployable, image),
             dynamo=True,
-            dynamic_shapes=_dynamic_shapes(min_input_size(model)),
+            dynamic_shapes=_dynamic_shapes(min_input_size(model, "onnx")),
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
             custom_translation_table={torch.ops.gfocalv2.class_wise_nms.default: _nms_to_onnx},
@@ -172,7 +183,7 @@ def export_program(model: nn.Module, image: Tensor, path: str) -> str:
         program = torch.export.export(
             deployable,
             _example_inputs(deployable, image),
-            dynamic_shapes=_dynamic_shapes(min_input_size(model)),
+            dynamic_shapes=_dynamic_shapes(min_input_size(model, "pt2")),
         )
     torch.export.save(program, path)
     return path
@@ -282,9 +293,10 @@ def compare_detections(
     return None
 
 
-def check_sizes(height: int, width: int, min_size: int = 2) -> List[Tuple[int, int]]:
+def check_sizes(height: int, width: int, min_size: int = 2, thin: int = 0) -> List[Tuple[int, int]]:
     """The sample's size, then a portrait and a landscape size that are not multiples of 32
-    (odd), none below ``min_size``."""
+    (odd), none below ``min_size``; with ``thin`` > 0 also a strip ``thin`` pixels high (an
+    image of extreme aspect ratio after the test resize)."""
     short, long = sorted((height, width))
 
     def odd(v):
@@ -296,7 +308,10 @@ def check_sizes(height: int, width: int, min_size: int = 2) -> List[Tuple[int, i
         portrait = (portrait[1] + 2, portrait[1])
     if landscape[1] <= landscape[0]:
         landscape = (landscape[0], landscape[0] + 2)
-    return [(height, width), portrait, landscape]
+    sizes = [(height, width), portrait, landscape]
+    if thin > 0:
+        sizes.append((max(thin, min_size), odd(long)))
+    return sizes
 
 
 def _resized(image: Tensor, size: Tuple[int, int]) -> Tensor:
@@ -453,12 +468,15 @@ def main(argv=None) -> int:
         "wrote %s (%.1f MB) in %.0f s: input (1, 3, H, W) raw %s image of any size, H and W in "
         "[%d, %d]",
         path, os.path.getsize(path) / 1e6, time.perf_counter() - start, cfg.INPUT.FORMAT,
-        min_input_size(model), MAX_SIZE,
+        min_input_size(model, args.format), MAX_SIZE,
     )  # fmt: skip
 
     runner = load_runner(path)
     name = os.path.basename(args.sample_image) if args.sample_image else "random sample"
-    sizes = check_sizes(*image.shape[2:], min_input_size(model))
+    # for ONNX also a strip below the coarsest stride (its coarsest level: a single row)
+    coarsest = int(max(model.anchor_generator.strides))
+    thin = coarsest * 3 // 4 if args.format == "onnx" else 0
+    sizes = check_sizes(*image.shape[2:], min_input_size(model, args.format), thin)
     images = [(name, _resized(image, size)) for size in sizes]
     images += [(p, load_image(p, cfg)) for p in args.check_images]
     failures = _check(reference, runner, images, args)

@@ -35,7 +35,6 @@ REQUIRED_METADATA = (
     "gfocalv2.max_size_test",
     "gfocalv2.resize_backend",
     "gfocalv2.score_threshold",
-    "gfocalv2.min_input_size",
 )
 
 
@@ -120,7 +119,6 @@ class OnnxPredictor:
         self.min_size_test = int(meta["gfocalv2.min_size_test"])
         self.max_size_test = int(meta["gfocalv2.max_size_test"])
         self.resize_backend = meta["gfocalv2.resize_backend"]
-        self.min_input_size = int(meta["gfocalv2.min_input_size"])
         self.score_threshold = float(
             meta["gfocalv2.score_threshold"] if score_threshold is None else score_threshold
         )
@@ -144,12 +142,6 @@ class OnnxPredictor:
         self._check_image(image)
         height, width = image.shape[:2]
         new_h, new_w = resized_shape(height, width, self.min_size_test, self.max_size_test)
-        if min(new_h, new_w) < self.min_input_size:
-            raise RuntimeInputError(
-                f"the image ({height}x{width}) is resized to {new_h}x{new_w}, below the "
-                f"{self.min_input_size} pixels per side the exported graph takes: its aspect "
-                "ratio is too extreme for MIN_SIZE_TEST/MAX_SIZE_TEST; crop or pad it"
-            )
         resized = _resize(np.ascontiguousarray(image), new_h, new_w, self.resize_backend)
         feeds = {
             "image": resized.transpose(2, 0, 1)[None].astype(np.float32),

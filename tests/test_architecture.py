@@ -21,6 +21,7 @@ LAYERS = {
     "checkpoint": 2,
     "config_checks": 2,
     "visualize": 2,
+    "test_time_augmentation": 2,
     "engine": 3,
 }
 TOOL_LAYER = 4  # every other top-level module or package: demo, export, convert, benchmark, ...

@@ -170,8 +170,12 @@ def run_model(config_file, opts, register_coco, dataset, output_dir):
     cfg.freeze()
     model = build_model(cfg)
     load_weights(model, cfg)  # missing/unreadable file, other architecture or classes: named
-    Trainer.test(cfg, model)
-    path = os.path.join(output_dir, "inference", RESULTS_JSON)
+    if cfg.TEST.AUG.ENABLED:  # the detections of test-time augmentation (TEST.AUG)
+        Trainer.test_with_TTA(cfg, model)
+        path = os.path.join(output_dir, "inference_TTA", RESULTS_JSON)
+    else:
+        Trainer.test(cfg, model)
+        path = os.path.join(output_dir, "inference", RESULTS_JSON)
     if not os.path.isfile(path):
         raise AnalysisInputError(
             f"--config-file {config_file} with MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: evaluation on "

@@ -12,9 +12,15 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_gfocalv2_config
-from ..config_checks import check_solver_steps, merge_config_file, merge_config_list
+from ..config_checks import (
+    ConfigValueError,
+    check_solver_steps,
+    merge_config_file,
+    merge_config_list,
+)
 from ..data.datasets import register_coco_datasets
 from ..modeling.inference_optimization import resolve_memory_format
+from ..test_time_augmentation import tta_settings
 
 __all__ = ["build_cfg", "setup_cfg"]
 
@@ -59,6 +65,11 @@ def build_cfg(config_file="", opts=None, register_coco=(), freeze=True):
     resolve_memory_format(
         cfg.TEST.MEMORY_FORMAT, cfg.MODEL.DEVICE
     )  # a bad value fails now, not after training
+    if cfg.TEST.AUG.ENABLED:  # bad sizes fail now, not at the evaluation after training
+        try:
+            tta_settings(cfg)
+        except ValueError as e:
+            raise ConfigValueError(str(e)) from None
     if freeze:
         cfg.freeze()
     register_coco_datasets(cfg.DATASETS.REGISTER_COCO)

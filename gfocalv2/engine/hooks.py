@@ -38,7 +38,8 @@ class StopOnSignal(HookBase):
     every ``period`` iterations and after the last one (one all-gather of a small integer on
     Detectron2's gloo group, no device synchronization), so they all stop after the same
     iteration. The trainer installs the handlers for its training loop only
-    (:meth:`signals_recorded`): before and after it a signal ends the process as usual.
+    (:meth:`signals_recorded`), and with several processes from its construction on (a signal
+    then stops every process together): before and after, a signal ends the process as usual.
     """
 
     def __init__(self, period=10):

@@ -13,11 +13,15 @@ Differences from ``detectron2.engine.DefaultPredictor``:
   ``TEST.MEMORY_FORMAT`` (``gfocalv2/modeling/inference_optimization.py``): BatchNorms are
   folded into their convolutions, so ``predictor.model`` no longer loads or saves
   checkpoints (``GFocalCheckpointer`` refuses, saying so; build a new ``Predictor`` for
-  other weights).
+  other weights);
+* with ``TEST.AUG.ENABLED``, the detections are those of test-time augmentation
+  (:class:`~gfocalv2.test_time_augmentation.GFocalV2WithTTA`: every view resized from the
+  original image).
 """
 
 import logging
 
+import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
@@ -27,6 +31,7 @@ from ..checkpoint import checkpointer_for
 from ..data.mapper import SafeResizeShortestEdge, to_three_channels
 from ..data.transforms import resize_backend
 from ..modeling.inference_optimization import optimize_for_inference
+from ..test_time_augmentation import GFocalV2WithTTA
 
 __all__ = ["Predictor"]
 
@@ -51,6 +56,7 @@ class Predictor(DefaultPredictor):
             cfg.INPUT.MAX_SIZE_TEST,
             backend=resize_backend(cfg),
         )
+        self.tta = GFocalV2WithTTA(cfg, self.model) if cfg.TEST.AUG.ENABLED else None
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(
@@ -63,6 +69,9 @@ class Predictor(DefaultPredictor):
             if self.input_format == "RGB":  # the input is BGR, like cv2.imread's
                 original_image = original_image[:, :, ::-1]
             height, width = original_image.shape[:2]
+            if self.tta is not None:  # the views are resized from the original image
+                image = torch.as_tensor(np.ascontiguousarray(original_image.transpose(2, 0, 1)))
+                return self.tta([{"image": image, "height": height, "width": width}])[0]
             image = self.aug.get_transform(original_image).apply_image(original_image)
             image = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
             return self.model([{"image": image, "height": height, "width": width}])[0]

@@ -19,6 +19,9 @@ by override, each for one reason:
   seed; :class:`~gfocalv2.engine.hooks.StopOnSignal` stops on SIGTERM/SIGINT.
 * ``build_evaluator`` / ``test``: ``COCOEvaluator`` (a model that predicts nothing gets AP 0),
   on an optimized copy of the model (``TEST.FOLD_BATCHNORM``, ``TEST.MEMORY_FORMAT``).
+* ``test_with_TTA`` (Detectron2's ``tools/train_net.py`` has it for R-CNN): evaluation with
+  test-time augmentation (``TEST.AUG``, :mod:`gfocalv2.test_time_augmentation`); with
+  ``TEST.AUG.ENABLED`` ``build_hooks`` adds it after the last iteration, as that script does.
 * ``resume_or_load``, ``state_dict``, ``load_state_dict``: the data order continues at the
   resumed iteration, and the optimizer state is saved with Detectron2 0.6 too (its
   ``DefaultTrainer`` does not), so a resumed run is bit for bit the uninterrupted one.
@@ -29,10 +32,12 @@ by override, each for one reason:
   stopped by a signal (exit status 143 or 130).
 """
 
+import contextlib
 import logging
 import os
 import signal
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.engine import DefaultTrainer, hooks
@@ -44,6 +49,7 @@ from ..data.datasets import check_datasets_registered, check_num_classes
 from ..data.loader import build_checked_test_loader, build_resumable_train_loader
 from ..evaluation import build_coco_evaluator
 from ..modeling.inference_optimization import optimized_copy
+from ..test_time_augmentation import GFocalV2WithTTA, original_size_inputs
 from .hooks import DataSeedHook, StopOnSignal
 from .launch import check_batch_norm
 
@@ -114,7 +120,19 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         cpu_amp = cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda")
         self._failed = False  # a step or hook failed: after_train neither evaluates nor saves
-        super().__init__(_with_amp(cfg, False) if cpu_amp else cfg)
+        self._stop_on_signal = StopOnSignal(cfg.SOLVER.STOP_CHECK_PERIOD)
+        # The stop-signal handlers end with the training loop (train()). With several processes
+        # they start here: the launcher forwards a stop signal to every process, and one that
+        # arrived while this process was still being built would end it alone, its peers
+        # failing in their next collective; recorded, it stops all of them after an iteration.
+        self._signals = contextlib.ExitStack()
+        if comm.get_world_size() > 1:
+            self._signals.enter_context(self._stop_on_signal.signals_recorded())
+        try:
+            super().__init__(_with_amp(cfg, False) if cpu_amp else cfg)
+        except BaseException:
+            self._signals.close()
+            raise
         model = self.model.module if hasattr(self.model, "module") else self.model
         check_batch_norm(model, self.cfg, comm.get_world_size())
         if cpu_amp:
@@ -138,9 +156,18 @@ class Trainer(DefaultTrainer):
         at = next(
             (i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list)
         )
-        self._stop_on_signal = StopOnSignal(self.cfg.SOLVER.STOP_CHECK_PERIOD)
         hook_list.insert(at, self._stop_on_signal)
         hook_list.append(DataSeedHook(self.data_loader))
+        if self.cfg.TEST.AUG.ENABLED:
+            # The final evaluation with TTA, as tools/train_net.py; before the writers (which
+            # Detectron2 runs last so that they write the evaluation's metrics), so that its
+            # metrics reach metrics.json too.
+            at = next(
+                (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicWriter)),
+                len(hook_list),
+            )
+            tta = hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
+            hook_list.insert(at, tta)
         return hook_list
 
     @classmethod
@@ -167,6 +194,19 @@ class Trainer(DefaultTrainer):
         """Evaluate an optimized copy of ``model`` (BatchNorms folded, ``TEST.MEMORY_FORMAT``):
         the same detections up to float rounding, faster; the training model is left as it is."""
         return super().test(cfg, optimized_copy(model, cfg), evaluators)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` with test-time augmentation (``TEST.AUG``) on ``DATASETS.TEST``, as
+        Detectron2's ``tools/train_net.py``: results keyed ``<dataset>_TTA``, files in
+        ``OUTPUT_DIR/inference_TTA``. The test loader gives the images at their own size (every
+        view is resized from the original, not from the plain test resize)."""
+        tta = GFocalV2WithTTA(cfg, optimized_copy(model, cfg))
+        logger.info("Running inference with test-time augmentation: %s", tta)
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+        evaluators = [cls.build_evaluator(cfg, name, folder) for name in cfg.DATASETS.TEST]
+        results = super().test(original_size_inputs(cfg), tta, evaluators)
+        return OrderedDict((name + "_TTA", value) for name, value in results.items())
 
     # ------------------------------------------------------------------ resume
     def resume_or_load(self, resume=True):
@@ -201,7 +241,9 @@ class Trainer(DefaultTrainer):
 
     # ------------------------------------------------------------ on failure
     def train(self):
-        with self._stop_on_signal.signals_recorded():  # from the first log line of training on
+        with self._signals:  # the handlers installed in __init__ (several processes) end here
+            if comm.get_world_size() == 1:  # from the first log line of training on
+                self._signals.enter_context(self._stop_on_signal.signals_recorded())
             return super().train()
 
     def run_step(self):

@@ -1,8 +1,8 @@
 """The GFocalV2 meta-architecture (GFLV1 when the DGQP is switched off).
 
 images -> backbone/FPN -> GFocalHead -> training: ATSS targets + QFL/GIoU/DFL
-                                    -> inference: joint scores, per-level top-k, decode,
-                                       class-wise NMS
+                                    -> inference: joint scores, then detections.py (per-level
+                                       top-k, decode, clip, class-wise NMS)
 """
 
 import logging
@@ -10,9 +10,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torchvision
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, cat
+from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from .atss import atss_assign
 from .backbone.fpn import unread_level_parameters
 from .box_coder import distance_targets, distance_to_box, distribution_to_distance
+from .detections import anchor_centers, image_candidates, select_detections
 from .head import GFocalHead
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
 
@@ -40,19 +40,6 @@ def _reduce_mean(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / world_size
-
-
-def _class_wise_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float) -> Tensor:
-    """Indices of the (K, 4) boxes kept by NMS within each class, by decreasing score.
-
-    Detectron2's ``batched_nms`` picks its algorithm from the number of boxes (a Python
-    branch); a traced graph (TorchScript, ONNX) would freeze the branch of the sample
-    input, so tracing uses torchvision's single-NMS "coordinate offset" form, which
-    Detectron2 also uses below 40000 boxes and which exports to ONNX NonMaxSuppression.
-    """
-    if torch.jit.is_tracing():
-        return torchvision.ops.batched_nms(boxes.float(), scores, classes, iou_threshold)
-    return batched_nms(boxes, scores, classes, iou_threshold)
 
 
 @META_ARCH_REGISTRY.register()
@@ -392,8 +379,26 @@ class GFocalV2(DenseDetector):
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions
     ) -> List[Instances]:
-        anchors, strides = self._anchors(features)
-        centers = [(a[:, :2] + a[:, 2:]) / 2 for a in anchors]
+        """Per image, the detections in the (resized, unpadded) input image's pixels."""
+        results = []
+        for image_size, (boxes, scores) in zip(
+            images.image_sizes, self.candidates(images, features, predictions)
+        ):
+            results.append(self.detections(boxes, scores, image_size))
+        return results
+
+    def candidates(
+        self, images: ImageList, features: List[Tensor], predictions
+    ) -> List[Tuple[Tensor, Tensor]]:
+        """Per image, its candidates (:func:`~gfocalv2.modeling.detections.image_candidates`):
+        (K, 4) boxes in the input image's pixels and (K, C) scores, before the score threshold
+        and NMS (test-time augmentation merges those of several views)."""
+        centers = anchor_centers(
+            [f.shape[-2:] for f in features],
+            self.anchor_generator.strides,
+            self.anchor_generator.offset,
+            features[0].device,
+        )
         cls_logits, box_logits, quality_logits = predictions
         C, bins = self.num_classes, 4 * (self.reg_max + 1)
         qualities = quality_logits if self.dgqp_enabled else [None] * len(cls_logits)
@@ -402,20 +407,39 @@ class GFocalV2(DenseDetector):
                 permute_to_N_HWA_K(c, C), None if q is None else permute_to_N_HWA_K(q, 1)
             )
             for c, q in zip(cls_logits, qualities)
-        ]
+        ]  # per level (N, A_l, C)
         boxes = [permute_to_N_HWA_K(b, bins) for b in box_logits]
         valid = self._valid_locations(features, images.image_sizes)  # per level (N, A_l), or None
         return [
-            self.inference_single_image(
+            image_candidates(
                 centers,
-                strides,
+                self.anchor_generator.strides,
                 [s[i] for s in scores],
                 [b[i] for b in boxes],
                 image_size,
+                self.test_topk_candidates,
+                self.reg_max,
                 None if valid is None else [v[i] for v in valid],
             )
             for i, image_size in enumerate(images.image_sizes)
         ]
+
+    def detections(self, boxes: Tensor, scores: Tensor, image_size: Tuple[int, int]) -> Instances:
+        """(K, 4) candidate boxes and (K, C) scores of one image -> its detections
+        (:func:`~gfocalv2.modeling.detections.select_detections` with the model's
+        ``test_score_thresh``, ``test_nms_thresh``, ``max_detections_per_image``)."""
+        boxes, scores, classes = select_detections(
+            boxes,
+            scores,
+            self.test_score_thresh,
+            self.test_nms_thresh,
+            self.max_detections_per_image,
+        )
+        result = Instances(image_size)
+        result.pred_boxes = Boxes(boxes)
+        result.scores = scores
+        result.pred_classes = classes
+        return result
 
     def inference_single_image(
         self,
@@ -426,56 +450,30 @@ class GFocalV2(DenseDetector):
         image_size: Tuple[int, int],
         valid: Optional[List[Tensor]] = None,
     ) -> Instances:
-        """Detections of one image.
+        """Detections of one image from its per-level outputs.
 
         Args:
-            centers: per level (A_l, 2) anchor centres; strides: per level (A_l,).
+            centers: per level (A_l, 2) anchor centres; strides: per level, the stride (a
+                number, or an (A_l,) tensor of it).
             scores: per level (A_l, C) joint scores; box_logits: per level (A_l, 4 * (reg_max + 1)).
             image_size: (height, width) of the (resized, unpadded) input image.
             valid: per level (A_l,) bool, False for locations outside the image's own padded
                 size (the padding for a larger image of the batch); None: all valid.
 
-        Per level, keeps the ``test_topk_candidates`` valid locations with the highest max
-        class score and decodes only those; boxes are clipped to the image and those of zero
-        width or height dropped; then all (location, class) pairs above
-        ``test_score_thresh`` across levels go through class-wise NMS, best
-        ``max_detections_per_image`` kept.
+        Per level, the ``test_topk_candidates`` valid locations with the highest max class score
+        are decoded; boxes are clipped to the image and those of zero width or height dropped;
+        then all (location, class) pairs above ``test_score_thresh`` across levels go through
+        class-wise NMS, best ``max_detections_per_image`` kept.
         """
-        cand_scores, cand_boxes, cand_valid = [], [], []
-        for level, (center, stride, score, box) in enumerate(
-            zip(centers, strides, scores, box_logits)
-        ):
-            k = min(self.test_topk_candidates, score.shape[0])
-            rank = score.amax(dim=1)  # (A_l,)
-            if valid is not None:
-                # Invalid locations rank below every valid one (scores are >= 0), so the top-k
-                # is the one the image gets alone; those still picked (k > valid count) are
-                # dropped below.
-                rank = torch.where(valid[level], rank, torch.full_like(rank, -1.0))
-            top = rank.topk(k).indices  # (k,)
-            dist = distribution_to_distance(box[top], self.reg_max) * stride[top, None]
-            cand_boxes.append(distance_to_box(center[top], dist))
-            cand_scores.append(score[top])
-            if valid is not None:
-                cand_valid.append(valid[level][top])
-        boxes = Boxes(cat(cand_boxes))
-        boxes.clip(image_size)
-        scores = cat(cand_scores)  # (K, C)
-        # Boxes empty after clipping (a location outside the image regressing into the padding
-        # only) are dropped before NMS, as MMDetection's min_bbox_size=0 filter: they would
-        # take detection slots, and no consumer of the detections wants them.
-        usable = boxes.nonempty()  # (K,)
-        if valid is not None:
-            usable = usable & cat(cand_valid)
-        loc_idx, class_idx = ((scores > self.test_score_thresh) & usable[:, None]).nonzero(
-            as_tuple=True
+        strides = [s if isinstance(s, (int, float)) else float(s.reshape(-1)[0]) for s in strides]
+        boxes, scores = image_candidates(
+            centers,
+            strides,
+            scores,
+            box_logits,
+            image_size,
+            self.test_topk_candidates,
+            self.reg_max,
+            valid,
         )
-        det_boxes, det_scores = boxes.tensor[loc_idx], scores[loc_idx, class_idx]
-        keep = _class_wise_nms(det_boxes, det_scores, class_idx, self.test_nms_thresh)[
-            : self.max_detections_per_image
-        ]
-        result = Instances(image_size)
-        result.pred_boxes = Boxes(det_boxes[keep])
-        result.scores = det_scores[keep]
-        result.pred_classes = class_idx[keep]
-        return result
+        return self.detections(boxes, scores, image_size)

@@ -114,6 +114,63 @@ def test_eval_only_reproduces_the_checkpoint_exactly(trained):
             assert value == logged_value, key
 
 
+def _tta_detections(output_dir):
+    with open(os.path.join(output_dir, "inference_TTA", "coco_instances_results.json")) as f:
+        return json.load(f)
+
+
+def test_eval_only_with_test_time_augmentation(trained):
+    """``--eval-only ... TEST.AUG.ENABLED True`` reports both evaluations, as Detectron2's
+    train_net ("bbox" and "bbox_TTA"). With the one view of the test size (64) and no flip the
+    TTA detections are the plain ones exactly; with two scales and the flip they differ and
+    are evaluated too."""
+    out, data = trained["out"], trained["data"]
+
+    def evaluate(output_dir, *aug):
+        return _run(
+            ["--config-file", DIGITS_CONFIG, "--eval-only"]
+            + _register_args(data)
+            + tiny_opts(output_dir, "cli_digits_train", "cli_digits_val")
+            + ["MODEL.WEIGHTS", out / "model_final.pth", "TEST.AUG.ENABLED", "True", *aug]
+        )
+
+    one_view = trained["root"] / "tta_one_view"
+    results = evaluate(
+        one_view, "TEST.AUG.MIN_SIZES", "(64,)", "TEST.AUG.MAX_SIZE", "64", "TEST.AUG.FLIP", "False"
+    )
+    assert set(results) == {"bbox", "bbox_TTA"}
+    assert len(_detections(one_view)) > 0
+    assert _tta_detections(one_view) == _detections(one_view) == _detections(out)
+    for key, value in results["bbox"].items():
+        tta_value = results["bbox_TTA"][key]
+        assert value == tta_value or (value != value and tta_value != tta_value), key
+
+    views = trained["root"] / "tta_views"
+    results = evaluate(views, "TEST.AUG.MIN_SIZES", "(64, 96)", "TEST.AUG.MAX_SIZE", "96")
+    assert set(results) == {"bbox", "bbox_TTA"}
+    plain, tta = _detections(views), _tta_detections(views)
+    assert len(tta) > 0 and tta != plain
+    assert 0.0 <= results["bbox_TTA"]["AP"] <= 100.0
+
+
+def test_training_ends_with_the_tta_evaluation_when_enabled(tiny_digits, tmp_path):
+    """With TEST.AUG.ENABLED the evaluation after the last iteration also runs with TTA and its
+    results are logged (``bbox_TTA/AP`` in metrics.json), as Detectron2's train_net."""
+    out = tmp_path / "train_tta"
+    argv = (
+        ["--config-file", DIGITS_CONFIG]
+        + _register_args(tiny_digits, "tta_digits")
+        + tiny_opts(out, "tta_digits_train", "tta_digits_val", max_iter=2)
+        + ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(64, 80)", "TEST.AUG.MAX_SIZE", "80"]
+    )
+    _run(argv)
+    rows = [row for row in _metrics(out) if "bbox_TTA/AP" in row]
+    assert len(rows) == 1 and rows[0]["iteration"] == 2  # logged at max_iter, as the plain one
+    assert "bbox/AP" in rows[0]
+    assert any("bbox/AP" in row for row in _metrics(out))
+    assert len(_tta_detections(out)) > 0
+
+
 def test_resume_continues_at_the_next_iteration(trained):
     out, data = trained["out"], trained["data"]
     resumed = trained["root"] / "resumed"

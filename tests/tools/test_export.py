@@ -19,12 +19,12 @@ from gfocalv2.export import (
     pytorch_detections,
 )
 from gfocalv2.export import main as export_main
-from gfocalv2.modeling.deploy import DeployableGFocalV2, class_wise_nms
+from gfocalv2.modeling.deploy import DeployableGFocalV2
+from gfocalv2.modeling.detections import class_wise_nms
 from tests.utils.models import gfocal_cfg, tiny_config_file
 
 COLORS = torch.tensor([[230.0, 40, 40], [40, 200, 40], [40, 60, 230]])
-# a multiple of 32, then portrait and landscape sizes that are not (the tiny model reads P3-P7:
-# at least 129 pixels per side)
+# a multiple of 32, then portrait and landscape sizes that are not
 SIZES = [(160, 192), (205, 139), (131, 263)]
 
 
@@ -242,6 +242,29 @@ def test_check_sizes_are_not_multiples_of_32_and_change_orientation():
         (ph, pw), (lh, lw) = sizes[1:]
         assert ph > pw and lw > lh, sizes
         assert all(s % 32 and s >= min_size for s in (ph, pw, lh, lw)), sizes
+    # a strip below the coarsest stride, for the ONNX graph
+    assert check_sizes(800, 1216, 1, thin=96)[3] == (96, 1217)
+
+
+def test_onnx_takes_images_below_the_coarsest_stride(exported):
+    """The ONNX graph takes every size the PyTorch model takes (issue 22, item 6): strips whose
+    coarsest level (P7, stride 128) has a single row, tiny images, a 1-pixel side; the same
+    detections as PyTorch. (The torch.export program checks torch.export's guards: from 129.)"""
+    model, files = exported
+    run = load_runner(files["onnx"])
+    compared = 0
+    # (random pixels for the tiny ones; not a 3 x 900 noise strip: its 100 detections hold score
+    # ties within 1e-6 at the limit, which float rounding orders either way)
+    for seed, (h, w) in enumerate([(82, 256), (97, 301), (50, 700), (40, 20), (1, 40), (2, 2)]):
+        image = scene(seed + 10, h, w) if min(h, w) > 41 else torch.rand(1, 3, h, w) * 255
+        expected = pytorch_detections(model, image)
+        got = run(image, model.test_score_thresh)
+        compared += len(expected[0])
+        assert compare_detections(expected, got) is None, (
+            (h, w),
+            compare_detections(expected, got),
+        )
+    assert compared >= 100
 
 
 def test_command_line_writes_metadata_and_checks_real_detections(tmp_path, caplog):
@@ -265,10 +288,11 @@ def test_command_line_writes_metadata_and_checks_real_detections(tmp_path, caplo
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["gfocalv2.input_format"] == "RGB" and meta["gfocalv2.min_size_test"] == "160"
     assert meta["gfocalv2.max_size_test"] == "240" and meta["gfocalv2.score_threshold"] == "0.05"
-    assert meta["gfocalv2.min_input_size"] == "129"  # P7: stride 128
+    assert meta["gfocalv2.min_input_size"] == "1"  # any size (not P7's stride + 1)
     assert len(eval(meta["gfocalv2.class_names"])) == 3 and "GFOCAL" in meta["gfocalv2.config"]
     # resized as at test time (shorter side 160, longer at most 240): 150x250 -> 144x240
-    assert "144x240" in caplog.text and caplog.text.count("OK") == 3
+    # and a strip below P7's stride 128 (3 x 128 / 4 = 96 high)
+    assert "144x240" in caplog.text and "96x" in caplog.text and caplog.text.count("OK") == 4
     assert "compared at" in caplog.text  # the lowered threshold is reported
     assert "MISMATCH" not in caplog.text
 

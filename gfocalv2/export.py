@@ -17,7 +17,8 @@ Formats:
 The graph (:class:`gfocalv2.modeling.deploy.DeployableGFocalV2`) takes two inputs:
 ``image``, a float32 ``(1, 3, H, W)`` tensor of raw pixel values in ``INPUT.FORMAT`` order,
 already resized as at test time (``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``), of any
-height and width from the coarsest level's stride + 1 (129 with P7, 33 with P5) to 8192; and
+height and width from 1 to 8192 (a ``.pt2`` program: from the coarsest level's stride + 1, 129
+with P7, 33 with P5; see :func:`min_input_size`); and
 ``score_threshold``, a float32 scalar (the config's ``MODEL.GFOCAL.SCORE_THRESH_TEST`` is in
 the metadata). Normalization, padding to the backbone's size divisibility, anchors, the
 network, per-level top-k, decoding, clipping and class-wise NMS are inside. Outputs:

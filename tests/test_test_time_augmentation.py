@@ -231,3 +231,16 @@ def test_settings_default_to_detectron2s():
 def test_only_for_gfocal_models():
     with pytest.raises(TypeError, match="GFocalV2"):
         GFocalV2WithTTA(gfocal_cfg(), torch.nn.Linear(2, 2))
+
+
+def test_flip_of_a_model_trained_without_flips_is_warned(caplog):
+    model = varied_model()
+    with caplog.at_level("WARNING", logger="gfocalv2.test_time_augmentation"):
+        GFocalV2WithTTA(tta_cfg((160,), 256, True, "INPUT.RANDOM_FLIP", "horizontal"), model)
+        assert "TEST.AUG.FLIP" not in caplog.text
+        GFocalV2WithTTA(tta_cfg((160,), 256, False, "INPUT.RANDOM_FLIP", "none"), model)
+        assert "TEST.AUG.FLIP" not in caplog.text
+        GFocalV2WithTTA(tta_cfg((160,), 256, True, "INPUT.RANDOM_FLIP", "none"), model)
+    assert "TEST.AUG.FLIP is on but the model was trained with INPUT.RANDOM_FLIP 'none'" in (
+        caplog.text
+    )

@@ -120,7 +120,7 @@ def main(argv=None):
             export_model = optimize_for_inference(copy.deepcopy(model), cfg, "contiguous")
             path = os.path.join(tmp, f"{case.replace(' ', '_')}.onnx")
             start = time.perf_counter()
-            export_onnx(export_model, image[..., : min_input_size(model) * 2, :], path)
+            export_onnx(export_model, image[..., : min_input_size(model, "pt2") * 2, :], path)
             export_s = time.perf_counter() - start
             size_mb = os.path.getsize(path) / 1e6
             for threads in args.threads:

@@ -148,8 +148,10 @@ def test_every_plot_is_written(dataset, tmp_path, capsys):
     assert "GFLV2" in table and "GFLV1" in table and "pearson" in table
 
 
-def test_a_model_runs_first(dataset, tmp_path):
-    """--config-file + --opts MODEL.WEIGHTS: evaluated with Trainer.test, then analyzed."""
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_model_runs_first(dataset, tmp_path, tta):
+    """--config-file + --opts MODEL.WEIGHTS: evaluated with Trainer.test (with TEST.AUG.ENABLED:
+    Trainer.test_with_TTA), then analyzed."""
     import torch
 
     from gfocalv2.engine import Trainer, build_cfg
@@ -183,8 +185,12 @@ def test_a_model_runs_first(dataset, tmp_path):
         "MODEL.WEIGHTS",
         weights,
     ]
+    if tta:
+        argv += ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(160, 192)"]
+        argv += ["TEST.AUG.MAX_SIZE", "192", "TEST.AUG.FLIP", "False"]
     summary = analyze.main(argv)
-    written = tmp_path / "out" / "random" / "inference" / "coco_instances_results.json"
+    folder = "inference_TTA" if tta else "inference"
+    written = tmp_path / "out" / "random" / folder / "coco_instances_results.json"
     assert 0 < len(json.loads(written.read_text())) <= 3 * 100  # 3 images, 100 detections each
     assert set(summary) == {"random"} and (tmp_path / "out" / "summary.json").is_file()
 

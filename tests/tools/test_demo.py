@@ -241,3 +241,31 @@ def test_digit_scenes_demo_script_help(tmp_path):
     for flag in ("--config-file", "--input", "--register-coco", "--opts", "--data-root"):
         assert flag in out.stdout, flag
     assert not (tmp_path / "datasets").exists()
+
+
+def test_demo_honours_test_time_augmentation(setup):
+    """``--opts ... TEST.AUG.ENABLED True``: the demo's predictor runs test-time augmentation;
+    its detections are GFocalV2WithTTA's on the image as read, and not the plain model's."""
+    import torch
+    from detectron2.data.detection_utils import read_image
+
+    from gfocalv2.test_time_augmentation import GFocalV2WithTTA
+
+    aug = ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(64, 96)", "TEST.AUG.MAX_SIZE", "96"]
+    argv = _argv(setup, "--input", os.path.join(setup["images"], "000001.png")) + aug
+    cfg = demo.setup_demo_cfg(demo.get_parser().parse_args(argv))
+    tool = demo.VisualizationDemo(cfg, 0.0)
+    assert tool.predictor.tta is not None
+    bgr = read_image(os.path.join(setup["images"], "000001.png"), format="BGR")
+    got = tool.predictor(bgr)["instances"]
+    rgb = torch.as_tensor(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1)))
+    with torch.no_grad():
+        (want,) = GFocalV2WithTTA(cfg, tool.predictor.model)([{"image": rgb}])
+    want = want["instances"]
+    assert len(got) > 0 and torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
+    assert torch.equal(got.scores, want.scores)
+    plain = demo.VisualizationDemo(
+        demo.setup_demo_cfg(demo.get_parser().parse_args(argv[: -len(aug)])), 0.0
+    )
+    assert plain.predictor.tta is None
+    assert not torch.equal(plain.predictor(bgr)["instances"].scores, got.scores)

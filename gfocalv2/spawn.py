@@ -3,9 +3,9 @@
 Detectron2's ``launch`` pickles the function each worker runs, and a spawned worker unpickles
 it before anything else. :class:`WorkerMain` carries that function pickled once more, so that
 unpickling it does, in this order: make the worker end with its launcher (Linux
-``PR_SET_PDEATHSIG``: no worker outlives its launcher, not even one still waiting for its
-peers); apply :mod:`gfocalv2.compat` (the worker's entry point: the fixes must come before any
-import of Detectron2); and only then unpickle the function, whose module imports Detectron2.
+``PR_SET_PDEATHSIG``, and a thread that watches for a new parent: no worker outlives its
+launcher, not even one still waiting for its peers); apply :mod:`gfocalv2.compat` (the
+worker's entry point: the fixes must come before any import of Detectron2); and only then unpickle the function, whose module imports Detectron2.
 This module imports neither torch nor Detectron2.
 """
 
@@ -14,17 +14,28 @@ import os
 import pickle
 import signal
 import sys
+import threading
+import time
 
 __all__ = ["WorkerMain"]
 
 
 def _end_with(launcher_pid):
-    if not sys.platform.startswith("linux"):
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
     if os.getppid() != launcher_pid:  # the launcher died before that
         os._exit(128 + signal.SIGTERM)
+    # The parent-death signal is not always delivered (measured: a worker waiting in the
+    # rendezvous outlived its SIGKILLed launcher), and other systems have none: a watcher
+    # thread ends the worker too once it has a new parent.
+    threading.Thread(target=_watch_launcher, args=(launcher_pid,), daemon=True).start()
+
+
+def _watch_launcher(launcher_pid, period=1.0):
+    while os.getppid() == launcher_pid:
+        time.sleep(period)
+    os._exit(128 + signal.SIGTERM)
 
 
 class WorkerMain:

@@ -222,10 +222,19 @@ def test_bad_settings_are_refused_when_the_config_is_built(opts, message):
     build_cfg("", ["TEST.AUG.ENABLED", False, *opts])  # not used, not checked
 
 
-def test_settings_default_to_detectron2s():
-    sizes, max_size, flip = tta_settings(gfocal_cfg())
+def test_settings_default_to_detectron2s_and_the_base_configs_recommendation():
+    from detectron2.config import get_cfg
+
+    from gfocalv2 import add_gfocalv2_config
+
+    cfg = get_cfg()
+    add_gfocalv2_config(cfg)
+    sizes, max_size, flip = tta_settings(cfg)
     assert sizes == (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)
     assert max_size == 4000 and flip is True
+    # configs/Base-GFocalV2.yaml: MMDetection's measured COCO views, off by default
+    assert tta_settings(gfocal_cfg()) == ((800, 960), 1600, True)
+    assert not gfocal_cfg().TEST.AUG.ENABLED
 
 
 def test_only_for_gfocal_models():

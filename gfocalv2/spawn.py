@@ -5,7 +5,8 @@ it before anything else. :class:`WorkerMain` carries that function pickled once 
 unpickling it does, in this order: make the worker end with its launcher (Linux
 ``PR_SET_PDEATHSIG``, and a thread that watches for a new parent: no worker outlives its
 launcher, not even one still waiting for its peers); apply :mod:`gfocalv2.compat` (the
-worker's entry point: the fixes must come before any import of Detectron2); and only then unpickle the function, whose module imports Detectron2.
+worker's entry point: the fixes must come before any import of Detectron2); and only then
+unpickle the function, whose module imports Detectron2.
 This module imports neither torch nor Detectron2.
 """
 

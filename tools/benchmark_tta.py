@@ -38,6 +38,7 @@ from detectron2.modeling import build_model
 
 from gfocalv2.checkpoint import load_weights
 from gfocalv2.engine import Trainer, build_cfg
+from gfocalv2.engine.arguments import add_config_file_argument, add_register_coco_argument
 from gfocalv2.evaluation import build_coco_evaluator
 from gfocalv2.modeling.inference_optimization import optimized_copy
 from gfocalv2.test_time_augmentation import GFocalV2WithTTA, original_size_inputs
@@ -84,17 +85,11 @@ def evaluate(cfg, model, dataset, setting, output_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config-file", required=True)
+    add_config_file_argument(p, required=True)
     p.add_argument(
         "--dataset", required=True, help="a registered dataset (e.g. by --register-coco)"
     )
-    p.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_DIR"),
-    )
+    add_register_coco_argument(p)
     p.add_argument(
         "--setting",
         nargs=4,

@@ -67,6 +67,22 @@ def _add_model_config(cfg):
     # Channels per split in res2, doubled in each later stage.
     _set_default(cfg.MODEL.RES2NET, "BASE_WIDTH", 26)
 
+    # ------------------------------------ MODEL.TIMM: timm backbones (build_timm_fpn_backbone)
+    # (gfocalv2/modeling/backbone/timm_backbone.py; levels: MODEL.FPN.IN_FEATURES, freezing:
+    # MODEL.BACKBONE.FREEZE_AT, as for ResNet)
+    if "TIMM" not in cfg.MODEL:
+        cfg.MODEL.TIMM = CN()
+    # Any timm model with features_only support (timm.list_models()).
+    _set_default(cfg.MODEL.TIMM, "NAME", "")
+    # timm's ImageNet weights from the Hugging Face hub (needs a network connection; offline:
+    # `python -m gfocalv2.convert timm` a local checkpoint into MODEL.WEIGHTS).
+    _set_default(cfg.MODEL.TIMM, "PRETRAINED", False)
+    # BatchNorm statistics: "BNEval" (frozen statistics, trained affine), "FrozenBN", "BN",
+    # "SyncBN". LayerNorm/GroupNorm (ConvNeXt, Swin) train either way.
+    _set_default(cfg.MODEL.TIMM, "NORM", "BNEval")
+    # Stochastic depth of the models that have it (ConvNeXt, Swin, EfficientNet); 0 = off.
+    _set_default(cfg.MODEL.TIMM, "DROP_PATH_RATE", 0.0)
+
     # ----------------------------------------------------------------- weights (checkpoint.py)
     # When MODEL.WEIGHTS has a classification layer for another number of classes: True
     # re-initializes it (fine-tuning on a new dataset), False refuses the weights.

@@ -1,7 +1,9 @@
-"""Backbones of gfocalv2: ResNet/ResNeXt (optionally deformable, no compiled ops), Res2Net v1d, FPN.
+"""Backbones of gfocalv2: ResNet/ResNeXt (optionally deformable, no compiled ops), Res2Net v1d,
+any timm feature extractor, FPN.
 
 Registered in Detectron2's ``BACKBONE_REGISTRY``: ``build_gfocal_resnet_fpn_backbone``
-(fpn.py) and ``build_gfocal_res2net_fpn_backbone`` (res2net.py).
+(fpn.py), ``build_gfocal_res2net_fpn_backbone`` (res2net.py) and ``build_timm_fpn_backbone``
+(timm_backbone.py).
 """
 
 from .fpn import LastLevelP6P7FromP5, build_gfocal_fpn, build_gfocal_resnet_fpn_backbone
@@ -18,6 +20,7 @@ from .resnet import (
     build_gfocal_resnet_backbone,
     resolve_norm,
 )
+from .timm_backbone import TimmBackbone, TimmBackboneError, build_timm_fpn_backbone
 
 __all__ = [
     "DeformBottleneckBlock",
@@ -32,4 +35,7 @@ __all__ = [
     "DeepStem",
     "build_gfocal_res2net_backbone",
     "build_gfocal_res2net_fpn_backbone",
+    "TimmBackbone",
+    "TimmBackboneError",
+    "build_timm_fpn_backbone",
 ]

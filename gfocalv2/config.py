@@ -75,10 +75,11 @@ def _add_model_config(cfg):
     # Any timm model with features_only support (timm.list_models()).
     _set_default(cfg.MODEL.TIMM, "NAME", "")
     # timm's ImageNet weights from the Hugging Face hub (needs a network connection; offline:
-    # `python -m gfocalv2.convert timm` a local checkpoint into MODEL.WEIGHTS).
+    # `python -m gfocalv2.convert timm` a local checkpoint into MODEL.WEIGHTS). Not downloaded
+    # when MODEL.WEIGHTS is set: those weights replace them.
     _set_default(cfg.MODEL.TIMM, "PRETRAINED", False)
     # BatchNorm statistics: "BNEval" (frozen statistics, trained affine), "FrozenBN", "BN",
-    # "SyncBN". LayerNorm/GroupNorm (ConvNeXt, Swin) train either way.
+    # "SyncBN" (CUDA), "naiveSyncBN". LayerNorm/GroupNorm (ConvNeXt, Swin) train either way.
     _set_default(cfg.MODEL.TIMM, "NORM", "BNEval")
     # Stochastic depth of the models that have it (ConvNeXt, Swin, EfficientNet); 0 = off.
     _set_default(cfg.MODEL.TIMM, "DROP_PATH_RATE", 0.0)
@@ -120,11 +121,18 @@ def _add_inference_config(cfg):
 
 
 def _add_training_config(cfg):
-    # ---------------------------------------------------------- training (engine/hooks.py)
+    # ---------------------------------------------- training (engine/hooks.py, engine/trainer.py)
     # SIGTERM/SIGINT stop training after an iteration, with a checkpoint. With several
     # processes they agree on it every this many iterations (and after the last one); one
     # process checks after every iteration.
     _set_default(cfg.SOLVER, "STOP_CHECK_PERIOD", 10)
+    # The optimizer (Trainer.build_optimizer): "SGD" is Detectron2's (SOLVER.MOMENTUM,
+    # SOLVER.NESTEROV), "AdamW" is torch.optim.AdamW with betas SOLVER.BETAS (the ConvNeXt/Swin
+    # recipes). Both get Detectron2's parameter groups (SOLVER.BASE_LR, WEIGHT_DECAY,
+    # WEIGHT_DECAY_NORM, BIAS_LR_FACTOR, WEIGHT_DECAY_BIAS) and SOLVER.CLIP_GRADIENTS.
+    _set_default(cfg.SOLVER, "OPTIMIZER", "SGD")
+    # AdamW's (beta1, beta2): decay rates of the running means of the gradient and its square.
+    _set_default(cfg.SOLVER, "BETAS", (0.9, 0.999))
 
 
 def add_gfocalv2_config(cfg):

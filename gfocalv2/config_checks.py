@@ -8,8 +8,9 @@ and :func:`merge_config_list` do the same merges and re-raise these as
 :class:`UnknownConfigKeyError` (a ``KeyError``) / :class:`ConfigValueError` (a
 ``ValueError``) whose message names the key, where it came from, what was expected,
 and suggests close matches. They also check the keys of this project that take one of a
-few values (:func:`check_config_values`: ``INPUT.RESIZE_BACKEND``), so that a bad value
-fails when the config is built, naming where it came from and the allowed values.
+few values (:func:`check_config_values`: ``INPUT.RESIZE_BACKEND``, ``SOLVER.OPTIMIZER``,
+``SOLVER.BETAS``), so that a bad value fails when the config is built, naming where it came
+from and the allowed values.
 """
 
 import difflib
@@ -22,6 +23,8 @@ from detectron2.config import CfgNode
 from .data.transforms import check_resize_backend
 
 __all__ = [
+    "OPTIMIZERS",
+    "check_optimizer",
     "check_solver_steps",
     "merge_config_file",
     "merge_config_list",
@@ -142,14 +145,41 @@ def _missing_file_error(path, what):
     return FileNotFoundError(f"{what} {path} does not exist.{hint}")
 
 
+#: The values of ``SOLVER.OPTIMIZER`` (``Trainer.build_optimizer``, gfocalv2/engine/trainer.py).
+OPTIMIZERS = ("SGD", "AdamW")
+
+
+def check_optimizer(cfg, source="config"):
+    """``cfg.SOLVER.OPTIMIZER`` if it is one of :data:`OPTIMIZERS` and ``cfg.SOLVER.BETAS`` two
+    numbers in [0, 1); else a :class:`ConfigValueError` naming ``source``, the key, the value
+    and what is allowed."""
+    name = cfg.SOLVER.OPTIMIZER
+    if name not in OPTIMIZERS:
+        allowed = ", ".join(repr(o) for o in OPTIMIZERS)
+        raise ConfigValueError(
+            f"{source}: SOLVER.OPTIMIZER {name!r} is not one of {allowed} ('SGD': Detectron2's, "
+            "with SOLVER.MOMENTUM; 'AdamW': torch.optim.AdamW, with SOLVER.BETAS)"
+        )
+    betas = tuple(cfg.SOLVER.BETAS)
+    if len(betas) != 2 or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+    ):
+        raise ConfigValueError(
+            f"{source}: SOLVER.BETAS {betas} must be two numbers in [0, 1), e.g. (0.9, 0.999)"
+        )
+    return name
+
+
 def check_config_values(cfg, source="config"):
     """Check the keys of this project whose value is one of a few choices (``INPUT.RESIZE_BACKEND``:
-    see ``gfocalv2/data/transforms.py``); a bad value is a :class:`ConfigValueError` naming
-    ``source``, the key, the value and the allowed values."""
+    see ``gfocalv2/data/transforms.py``; ``SOLVER.OPTIMIZER`` and ``SOLVER.BETAS``); a bad value
+    is a :class:`ConfigValueError` naming ``source``, the key, the value and the allowed
+    values."""
     try:
         check_resize_backend(cfg.INPUT.RESIZE_BACKEND, source)
     except ValueError as e:
         raise ConfigValueError(str(e)) from None
+    check_optimizer(cfg, source)
     return cfg
 
 

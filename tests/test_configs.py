@@ -1,5 +1,7 @@
 """Every yaml under configs/ and projects/*/configs builds its model and runs one forward pass
-at 64x64 (eval mode, CPU); the COCO leaf configs carry the published schedules."""
+at 64x64 (eval mode, CPU; timm backbones without their pretrained weights, which would be
+downloaded); the COCO leaf configs carry the published schedules, and the timm ConvNeXt-T
+config the AdamW recipe of its sources."""
 
 import glob
 import os
@@ -24,6 +26,20 @@ PUBLISHED = [
     "gfocalv2_R2_101_dcnv2_FPN_ms2x.yaml",
     "gfl_R_50_FPN_1x.yaml",
 ]
+#: COCO configs of other backbones, with a training recipe but no published GFocalV2 result.
+RECIPES = ["gfocalv2_timm_convnext_tiny_FPN_1x.yaml"]
+#: Overrides of the build test: CPU, small test images, and no download of timm weights (the
+#: key exists in every config, whatever the backbone).
+BUILD_OPTS = [
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "64",
+    "MODEL.TIMM.PRETRAINED",
+    "False",
+]
 
 
 def _id(path):
@@ -32,17 +48,14 @@ def _id(path):
 
 def test_every_published_model_has_a_config():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert set(PUBLISHED) <= names
+    assert set(PUBLISHED) <= names and set(RECIPES) <= names
 
 
 @pytest.mark.parametrize("config_file", CONFIGS, ids=_id)
 def test_config_builds_and_runs_forward(config_file):
     from detectron2.modeling import BACKBONE_REGISTRY, build_model
 
-    cfg = build_cfg(
-        config_file,
-        ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"],
-    )
+    cfg = build_cfg(config_file, BUILD_OPTS)
     if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
         pytest.skip(f"backbone builder {cfg.MODEL.BACKBONE.NAME!r} is not registered (yet)")
     model = build_model(cfg).eval()
@@ -112,3 +125,31 @@ def test_coco_schedules(name):
         assert (cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP) == (32, 4)
     if "_R2_" in name:
         assert cfg.MODEL.BACKBONE.NAME == "build_gfocal_res2net_fpn_backbone"
+
+
+def test_timm_convnext_tiny_recipe():
+    """The ConvNeXt-T config: the AdamW recipe of MMDetection's Swin-T 1x / ConvNeXt-T configs
+    and the ConvNeXt repository's (numbers and sources in the yaml), timm's pretrained weights,
+    and the pixel normalization these weights were trained with."""
+    import timm
+
+    cfg = build_cfg(str(REPO / "configs" / "COCO-Detection" / RECIPES[0]), ["MODEL.DEVICE", "cpu"])
+    assert cfg.MODEL.BACKBONE.NAME == "build_timm_fpn_backbone"
+    assert cfg.MODEL.TIMM.NAME == "convnext_tiny.fb_in1k" and cfg.MODEL.TIMM.PRETRAINED
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.TIMM.DROP_PATH_RATE == 0.4
+    s = cfg.SOLVER
+    assert (s.OPTIMIZER, s.BASE_LR, tuple(s.BETAS), s.WEIGHT_DECAY) == (
+        "AdamW",
+        1e-4,
+        (0.9, 0.999),
+        0.05,
+    )
+    assert s.WEIGHT_DECAY_NORM == 0.0 and s.WEIGHT_DECAY_BIAS == 0.0 and s.BIAS_LR_FACTOR == 1.0
+    assert (s.WARMUP_METHOD, s.WARMUP_FACTOR, s.WARMUP_ITERS) == ("linear", 0.001, 1000)
+    assert s.IMS_PER_BATCH == 16 and s.MAX_ITER == 90000 and tuple(s.STEPS) == (60000, 80000)
+    assert not s.CLIP_GRADIENTS.ENABLED and not s.AMP.ENABLED
+    # timm's mean/std of these weights (0-1 scale), in the base's 0-255 RGB
+    pretrained = timm.models.get_pretrained_cfg(cfg.MODEL.TIMM.NAME).to_dict()
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert list(cfg.MODEL.PIXEL_MEAN) == pytest.approx([255 * m for m in pretrained["mean"]])
+    assert list(cfg.MODEL.PIXEL_STD) == pytest.approx([255 * v for v in pretrained["std"]])

@@ -36,23 +36,12 @@ compat.apply()  # before Detectron2 is imported (gfocalv2/compat.py)
 
 import gfocalv2.modeling  # noqa: F401  (registers GFocalV2)
 from detectron2.modeling import build_model
+from gfocalv2.benchmark.synthetic import trained_like_scores
 from gfocalv2.engine import build_cfg
 from gfocalv2.export import export_onnx, min_input_size
 from gfocalv2.modeling.inference_optimization import optimize_for_inference
 
 POST_OPS = {"NonMaxSuppression", "TopK", "NonZero", "GatherND", "ScatterND"}
-
-
-def with_detections(model):
-    """Scores that vary like a trained model's: a few thousand pairs above 0.05."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        w = model.head.cls_score.weight
-        w.copy_(torch.randn(w.shape, generator=g) * 0.02)
-        model.head.cls_score.bias.fill_(-2.3)
-        b = model.head.bbox_pred.weight
-        b.copy_(torch.randn(b.shape, generator=g) * 0.02)
-    return model
 
 
 def time_pytorch(model, image, threads):
@@ -104,7 +93,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = p.parse_args(argv)
 
-    cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])
+    # random weights: no pretrained backbone to download
+    cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.TIMM.PRETRAINED", "False"])
     torch.manual_seed(0)
     image = torch.rand(1, 3, *args.size) * 255
     threshold = cfg.MODEL.GFOCAL.SCORE_THRESH_TEST
@@ -115,7 +105,7 @@ def main(argv=None):
         for case in ("no detections", "detections"):
             model = build_model(cfg).eval()
             if case == "detections":
-                with_detections(model)
+                trained_like_scores(model)
             model = optimize_for_inference(model, cfg)  # the Predictor's model
             export_model = optimize_for_inference(copy.deepcopy(model), cfg, "contiguous")
             path = os.path.join(tmp, f"{case.replace(' ', '_')}.onnx")

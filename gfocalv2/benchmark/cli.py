@@ -124,6 +124,9 @@ def main(argv=None) -> Dict:
         cfg.MODEL.DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Timings need no ImageNet weights: a timm backbone is not downloaded (MODEL.WEIGHTS, when
+    # given, loads as always).
+    cfg.MODEL.TIMM.PRETRAINED = False
     cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
     if args.timer == "cpu" and device.type != "cpu":

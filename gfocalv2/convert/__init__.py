@@ -1,10 +1,11 @@
 r"""Convert published weights into Detectron2 checkpoints for gfocalv2.
 
-Two sources::
+Three sources::
 
     python -m gfocalv2.convert mmdet    SRC.pth DST.pth [--arch r101] [--config-file CFG.yaml] \
         [--num-classes 80]
     python -m gfocalv2.convert imagenet SRC.pth DST.pth [--arch r50|r101|x101-32x4d|res2net101]
+    python -m gfocalv2.convert timm     SRC.safetensors DST.pth --name convnext_tiny
 
 ``mmdet``
     The authors' released GFocalV2 / GFL checkpoints: MMDetection 2.x files
@@ -25,6 +26,15 @@ Two sources::
     ``bn1``). The result holds the backbone only, under ``backbone.bottom_up.``;
     ``MODEL.WEIGHTS`` can point to it to start training.
 
+``timm``
+    A timm checkpoint (``model.safetensors`` of a Hugging Face timm repository, or a ``.pth`` /
+    ``.bin`` state dict, plain or under ``"state_dict"`` / ``"model"`` / ``"state_dict_ema"``)
+    for the backbone ``build_timm_fpn_backbone`` with ``MODEL.TIMM.NAME`` ``--name`` (or that
+    of ``--config-file``). timm itself reads the file and builds its feature extractor
+    (``features_only=True``, the classifier dropped); the result holds it under
+    ``backbone.bottom_up.model.``. A checkpoint of another model is an error (see
+    :mod:`.timm_weights`).
+
 Every source key is either converted or reported (with the reason it was dropped);
 every parameter and buffer of the target model is either filled or reported; a
 shape mismatch is an error naming both keys. The target model is built from
@@ -32,11 +42,11 @@ shape mismatch is an error naming both keys. The target model is built from
 (depth, ResNeXt groups, deformable stages, number of classes, reg_max, DGQP).
 
 Code: :mod:`.report` holds the errors and the report of what happened to every key,
-:mod:`.backbone` detects the backbone of a state dict and renames its keys, :mod:`.imagenet`
-and :mod:`.mmdet` convert the two sources, :mod:`.target` builds the target model and
-compares the converted tensors with it, :mod:`.files` reads a source file and writes the
-checkpoint, :mod:`.cli` is the command line (``python -m gfocalv2.convert``,
-``gfocalv2-convert``).
+:mod:`.backbone` detects the backbone of a state dict and renames its keys, :mod:`.imagenet`,
+:mod:`.mmdet` and :mod:`.timm_weights` convert the three sources, :mod:`.target` builds the
+target model and compares the converted tensors with it, :mod:`.files` reads a source file
+and writes the checkpoint (timm: atomically), :mod:`.cli` is the command line
+(``python -m gfocalv2.convert``, ``gfocalv2-convert``).
 """
 
 import logging
@@ -58,6 +68,7 @@ from .mmdet import convert_mmdet
 from .report import ConversionError, ConversionReport
 from .target import build_target_cfg, check_against_model
 from .target import build_target_state as build_target_state
+from .timm_weights import convert_timm
 
 logger = logging.getLogger("gfocalv2.convert")
 
@@ -70,6 +81,7 @@ __all__ = [
     "rename_backbone_key",
     "convert_mmdet",
     "convert_imagenet",
+    "convert_timm",
     "check_against_model",
     "build_target_cfg",
     "convert_file",

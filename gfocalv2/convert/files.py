@@ -1,6 +1,7 @@
 """Reading a source checkpoint, and converting one file into a Detectron2 checkpoint."""
 
 import logging
+import os
 from collections import OrderedDict
 from typing import Dict, Tuple
 
@@ -11,6 +12,7 @@ from .imagenet import convert_imagenet
 from .mmdet import _infer_head, convert_mmdet
 from .report import ConversionError
 from .target import build_target_cfg, build_target_state, check_against_model
+from .timm_weights import convert_timm, pixel_normalization, timm_target_name
 
 logger = logging.getLogger("gfocalv2.convert")
 
@@ -67,8 +69,23 @@ def convert_file(
     opts=(),
     num_classes=None,
     strict=True,
+    name=None,
 ):
-    """Convert ``src`` into the Detectron2 checkpoint ``dst``; returns the ConversionReport."""
+    """Convert ``src`` into the Detectron2 checkpoint ``dst``; returns the ConversionReport.
+
+    ``name``: the timm model name (kind ``timm`` only; default: MODEL.TIMM.NAME of
+    ``config_file``)."""
+    if kind == "timm":
+        if arch is not None or num_classes is not None:
+            raise ConversionError(
+                "--arch and --num-classes are for kinds mmdet and imagenet; kind timm takes "
+                "--name (the timm model name)"
+            )
+        return convert_timm_file(src, dst, name=name, config_file=config_file, opts=opts)
+    if name is not None:
+        raise ConversionError(
+            f"--name is for kind timm (a timm model name); kind {kind} takes --arch"
+        )
     state, meta = load_source(src)
     if kind == "mmdet":
         backbone_state = _strip_prefix(state, "backbone.")
@@ -141,4 +158,62 @@ def convert_file(
         dst,
     )
     logger.info("wrote %s (%d tensors)", dst, len(converted))
+    return report
+
+
+def _save_atomically(obj, dst: str):
+    """Write ``obj`` to ``dst`` through a temporary file: never a partial ``dst``. The file gets
+    the permissions of a plain ``torch.save`` (0666 less the umask)."""
+    from gfocalv2.checkpoint import atomic_torch_save
+
+    try:
+        atomic_torch_save(obj, dst)
+    except OSError as e:
+        raise ConversionError(f"cannot write {dst}: {e}") from e
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(dst, 0o666 & ~umask)
+    except OSError:
+        pass
+
+
+def convert_timm_file(src: str, dst: str, *, name=None, config_file=None, opts=()):
+    """A timm checkpoint file -> the Detectron2 checkpoint ``dst`` for ``build_timm_fpn_backbone``
+    with MODEL.TIMM.NAME ``name`` (or that of ``config_file``); returns the ConversionReport.
+    Nothing is written unless every tensor of the feature extractor comes from ``src``."""
+    name, cfg = timm_target_name(name, config_file, opts)
+    converted, report, pretrained_cfg = convert_timm(src, name)
+    report.log()
+    if report.problems:
+        raise ConversionError(
+            f"{len(report.problems)} problem(s) converting {src} for timm model {name}:\n  "
+            + "\n  ".join(report.problems)
+        )
+    _save_atomically(
+        {
+            "model": converted,
+            "__author__": f"gfocalv2.convert timm ({name}) from {src}",
+            "matching_heuristics": False,
+        },
+        dst,
+    )
+    logger.info("wrote %s (%d tensors)", dst, len(converted))
+    norm = pixel_normalization(pretrained_cfg)
+    if cfg is not None and norm is not None:
+        from gfocalv2.modeling.backbone.timm_backbone import _check_pixel_normalization
+
+        _check_pixel_normalization(cfg, pretrained_cfg)
+    logger.info(
+        "use it with MODEL.BACKBONE.NAME build_timm_fpn_backbone MODEL.TIMM.NAME %s "
+        "MODEL.TIMM.PRETRAINED False MODEL.WEIGHTS %s%s",
+        name,
+        dst,
+        (
+            f" (these weights were trained on RGB images normalized with MODEL.PIXEL_MEAN "
+            f"{norm[0]} MODEL.PIXEL_STD {norm[1]})"
+            if norm
+            else ""
+        ),
+    )
     return report

@@ -12,6 +12,9 @@ by override, each for one reason:
   CPU, Detectron2's ``AMPTrainer`` (CUDA float16 with a gradient scaler) cannot run; the
   training forward pass runs under bfloat16 autocast instead, through ``SimpleTrainer``. The
   test sets are checked at start-up, not at the first evaluation hours later.
+* ``build_optimizer``: ``SOLVER.OPTIMIZER`` "AdamW" (the ConvNeXt/Swin recipes) gives
+  ``torch.optim.AdamW`` over Detectron2's parameter groups, with its gradient clipping;
+  Detectron2 builds SGD only. "SGD" (the default) is Detectron2's, unchanged.
 * ``build_train_loader`` / ``build_test_loader``: the loaders of :mod:`gfocalv2.data.loader`
   (checked datasets, unreadable images skipped, a data order that resumes bit for bit).
 * ``build_hooks``: the checkpointer is :class:`~gfocalv2.checkpoint.GFocalCheckpointer`
@@ -42,9 +45,11 @@ from collections import OrderedDict
 import torch
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from ..checkpoint import NonFiniteWeightsError, checkpointer_for
+from ..config_checks import check_optimizer
 from ..data.datasets import check_datasets_registered, check_num_classes
 from ..data.loader import build_checked_test_loader, build_resumable_train_loader
 from ..evaluation import build_coco_evaluator
@@ -171,6 +176,29 @@ class Trainer(DefaultTrainer):
         return hook_list
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD; with ``SOLVER.OPTIMIZER`` "AdamW", ``torch.optim.AdamW`` (betas
+        ``SOLVER.BETAS``) over the parameter groups Detectron2 gives SGD, with the same
+        ``SOLVER.CLIP_GRADIENTS``."""
+        if check_optimizer(cfg, "Trainer.build_optimizer") == "SGD":
+            return super().build_optimizer(cfg, model)
+        # the arguments of Detectron2's build_optimizer, by keyword (main added one before
+        # `overrides`); no weight_decay: the optimizer's default, as for SGD
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+
+    @classmethod
     def build_train_loader(cls, cfg):
         check_datasets_registered(cfg)
         loader = build_resumable_train_loader(cfg)
@@ -223,7 +251,7 @@ class Trainer(DefaultTrainer):
     def state_dict(self):
         # Detectron2 0.6's DefaultTrainer saves neither the optimizer nor the AMP grad scaler
         # (later versions do, under "_trainer"): without them a resumed run restarts SGD
-        # momentum from zero and diverges from the uninterrupted run.
+        # momentum (AdamW moments) from zero and diverges from the uninterrupted run.
         ret = super().state_dict()
         ret.setdefault("_trainer", self._trainer.state_dict())
         return ret
@@ -236,7 +264,7 @@ class Trainer(DefaultTrainer):
             TrainerBase.load_state_dict(self, state_dict)
             logger.warning(
                 "The checkpoint has no optimizer state (written by Detectron2's DefaultTrainer "
-                "0.6?): SGD momentum restarts from zero"
+                "0.6?): SGD momentum (AdamW moments) restarts from zero"
             )
 
     # ------------------------------------------------------------ on failure

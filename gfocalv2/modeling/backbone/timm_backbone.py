@@ -16,9 +16,10 @@ the ResNet configs (``MODEL.FPN.IN_FEATURES: ["res3", "res4", "res5"]``) work un
 * ``MODEL.TIMM.NORM`` decides the BatchNorms' statistics, as ``MODEL.RESNETS.NORM``:
   "BNEval" (the default; running statistics only, affine trained: MMDetection's
   ``norm_eval=True``), "FrozenBN" (statistics and affine frozen), "BN" (statistics trained
-  per process), "SyncBN" (synchronized over the processes; timm's ``convert_sync_batchnorm``,
-  which keeps timm's fused norm+activation layers). BatchNorms in frozen layers are always in
-  eval mode. LayerNorm and GroupNorm (ConvNeXt, Swin) have no statistics and train.
+  per process), "SyncBN" (synchronized over the processes, CUDA; timm's
+  ``convert_sync_batchnorm``, which keeps timm's fused norm+activation layers), "naiveSyncBN"
+  (Detectron2's ``NaiveSyncBatchNorm``, CPU and CUDA, activation kept; for training from
+  scratch with several processes). BatchNorms in frozen layers are always in eval mode. LayerNorm and GroupNorm (ConvNeXt, Swin) have no statistics and train.
 * Input size: images are padded to a multiple of the coarsest feature stride (the model's
   ``size_divisibility``). Models whose pretrained configuration declares a fixed input size
   (Swin) are built with ``strict_img_size=False`` and checked on a probe image of another
@@ -32,7 +33,7 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.layers import ShapeSpec
+from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
@@ -40,6 +41,8 @@ from .fpn import build_gfocal_fpn
 
 __all__ = [
     "TIMM_NORMS",
+    "NaiveSyncBatchNormAct",
+    "convert_naive_sync_batchnorm",
     "TimmBackbone",
     "TimmBackboneError",
     "build_timm_backbone",
@@ -50,7 +53,33 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: MODEL.TIMM.NORM values (see the module doc).
-TIMM_NORMS = ("BNEval", "FrozenBN", "BN", "SyncBN")
+TIMM_NORMS = ("BNEval", "FrozenBN", "BN", "SyncBN", "naiveSyncBN")
+
+
+class NaiveSyncBatchNormAct(NaiveSyncBatchNorm):
+    """Detectron2's ``NaiveSyncBatchNorm`` (statistics averaged over the processes; CPU and CUDA)
+    followed by the dropout and activation of the timm ``BatchNormAct2d`` it replaces, whose
+    state dict keys it keeps."""
+
+    def __init__(self, norm: nn.BatchNorm2d):
+        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine)
+        self.load_state_dict(norm.state_dict())
+        self.drop = getattr(norm, "drop", nn.Identity())
+        self.act = getattr(norm, "act", nn.Identity())
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def convert_naive_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of ``module`` (timm's fused BatchNormAct2d included) replaced by
+    :class:`NaiveSyncBatchNormAct`, in place; returns ``module``."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, NaiveSyncBatchNorm):
+            setattr(module, name, NaiveSyncBatchNormAct(child))
+        else:
+            convert_naive_sync_batchnorm(child)
+    return module
 
 
 class TimmBackboneError(ValueError):
@@ -101,10 +130,21 @@ def create_timm_features(
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
     fixed_size = bool(timm.models.get_pretrained_cfg_value(name, "fixed_input_size"))
-    if fixed_size:
-        kwargs.setdefault("strict_img_size", False)
+    # Models declared for one input size may take any with one of these options (Swin: the
+    # first, ViT: the second); the probe in TimmBackbone checks that one did.
+    size_options = (
+        [{"strict_img_size": False}, {"dynamic_img_size": True}, {}] if fixed_size else [{}]
+    )
     try:
-        model = timm.create_model(name, pretrained=pretrained, features_only=True, **kwargs)
+        for options in size_options:
+            try:
+                model = timm.create_model(
+                    name, pretrained=pretrained, features_only=True, **options, **kwargs
+                )
+                break
+            except TypeError as e:
+                if not options or next(iter(options)) not in str(e):
+                    raise
     except Exception as e:
         if pretrained and not isinstance(e, (TypeError, AssertionError, NotImplementedError)):
             raise TimmBackboneError(
@@ -183,10 +223,12 @@ class TimmBackbone(Backbone):
         self._channels_last_output = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
         self._size_divisibility = max(reductions)
         self.norm = norm
-        if norm == "SyncBN":
+        if norm == "SyncBN":  # timm's conversion keeps its fused norm + activation layers
             from timm.layers import convert_sync_batchnorm
 
             self.model = convert_sync_batchnorm(self.model)
+        elif norm == "naiveSyncBN":
+            convert_naive_sync_batchnorm(self.model)
         self._frozen_norms = set()
         self.freeze(freeze_at, stages, info)
         if norm == "FrozenBN":
@@ -290,22 +332,25 @@ class TimmBackbone(Backbone):
 
 def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
     """The :class:`TimmBackbone` of ``MODEL.TIMM``, with the features ``MODEL.FPN.IN_FEATURES``
-    names."""
+    names. timm's pretrained weights are downloaded (``MODEL.TIMM.PRETRAINED``) only when
+    ``MODEL.WEIGHTS`` is empty: weights given there replace them."""
     if input_shape.channels != 3:
         raise TimmBackboneError(
             f"the timm backbone takes 3-channel images, not {input_shape.channels} "
             "(len(MODEL.PIXEL_MEAN))"
         )
     t = cfg.MODEL.TIMM
+    # MODEL.WEIGHTS replaces the backbone's weights when the model is loaded: no download then.
+    pretrained = t.PRETRAINED and not cfg.MODEL.WEIGHTS
     backbone = TimmBackbone(
         t.NAME,
         out_features=list(cfg.MODEL.FPN.IN_FEATURES),
-        pretrained=t.PRETRAINED,
+        pretrained=pretrained,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         norm=t.NORM,
         drop_path_rate=t.DROP_PATH_RATE,
     )
-    if t.PRETRAINED:
+    if pretrained:
         _check_pixel_normalization(cfg, backbone.model.pretrained_cfg)
     return backbone
 

@@ -5,15 +5,17 @@ one 640x480 image, with the same number of onnxruntime threads; plus parameters 
 
     python tools/benchmark_realtime.py --rounds 9 --threads 2 \
         --config-files configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml \
-                       configs/COCO-Detection/gfocalv2_lite_mobilenetv3_FPN_320.yaml \
+                       configs/COCO-Detection/gfocalv2_lite_lcnet_FPN_320.yaml \
                        configs/COCO-Detection/gfocalv2_timm_convnext_tiny_FPN_1x.yaml
 
 The first config is the reference: every other is reported as its speed-up over it (reference
 median / median), from the same run. The models have random weights whose classification layer
 is set to give scores like a trained model's (100 detections for the R-50 at 800 px; see
-``gfocalv2.benchmark.synthetic.trained_like_scores``), so NMS has real work. Rounds interleave
-the configs (one call of each per round, after two warm-up calls each), so that a change in the
-machine's load hits all of them alike; medians are reported, and the median of the per-round
+``gfocalv2.benchmark.synthetic.trained_like_scores``; BatchNorm statistics set from the input
+as training would have set them, ``calibrate_batch_norms``), so NMS has real work. Rounds interleave
+the configs (one call of each per round, after two warm-up calls each; a pause before each call
+lets the previous session's spinning threads stop), so that a change in the machine's load hits
+all of them alike; medians are reported, and the median of the per-round
 speed-ups. FLOPs: one PyTorch inference at the size the predictor resizes the image to,
 counted by ``torch.utils.flop_counter`` (convolutions and matrix products, multiply-add = 2).
 Run it on an otherwise idle machine.
@@ -35,7 +37,7 @@ compat.apply()  # before Detectron2 is imported (gfocalv2/compat.py)
 
 import gfocalv2.modeling  # noqa: F401  (registers GFocalV2)
 from detectron2.modeling import build_model
-from gfocalv2.benchmark.synthetic import trained_like_scores
+from gfocalv2.benchmark.synthetic import calibrate_batch_norms, trained_like_scores
 from gfocalv2.benchmark.timing import count_flops
 from gfocalv2.engine import build_cfg
 from gfocalv2.export import class_names_for, export_metadata, export_onnx
@@ -44,7 +46,7 @@ from gfocalv2.runtime import OnnxPredictor, resized_shape
 
 DEFAULT_CONFIGS = [
     "configs/COCO-Detection/gfocalv2_R_50_FPN_1x.yaml",
-    "configs/COCO-Detection/gfocalv2_lite_mobilenetv3_FPN_320.yaml",
+    "configs/COCO-Detection/gfocalv2_lite_lcnet_FPN_320.yaml",
     "configs/COCO-Detection/gfocalv2_timm_convnext_tiny_FPN_1x.yaml",
 ]
 
@@ -53,9 +55,11 @@ def exported_predictor(config_file, opts, image_hw, threads, directory):
     """(OnnxPredictor, facts) for ``config_file`` with random, trained-like weights."""
     cfg = build_cfg(config_file, ["MODEL.DEVICE", "cpu", "MODEL.TIMM.PRETRAINED", "False", *opts])
     torch.manual_seed(0)
-    model = trained_like_scores(build_model(cfg).eval())
+    model = build_model(cfg).eval()
     params = sum(p.numel() for p in model.parameters())
     h, w = resized_shape(*image_hw, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    calibrate_batch_norms(model, torch.rand(3, h, w) * 255)
+    trained_like_scores(model)
     flops = count_flops(model, [{"image": torch.rand(3, h, w) * 255}])["total_gflops"]
     model = optimize_for_inference(model, cfg, "contiguous")
     path = os.path.join(directory, os.path.basename(config_file).replace(".yaml", ".onnx"))
@@ -77,7 +81,9 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
+    p.add_argument(
+        "--opts", nargs="*", default=[], help="config overrides (KEY VALUE ...) for every config"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -103,6 +109,9 @@ def main(argv=None):
         detections = [0] * len(predictors)
         for _ in range(args.rounds):
             for i, predictor in enumerate(predictors):
+                # onnxruntime's threads spin for a while after a run: let the previous
+                # session's stop, or they take the cores from this one.
+                time.sleep(0.2)
                 start = time.perf_counter()
                 detections[i] = len(predictor(image)["boxes"])
                 times[i].append(time.perf_counter() - start)

@@ -8,7 +8,13 @@ import torch
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-__all__ = ["synthetic_batch", "SyntheticLogits", "add_synthetic_logits", "trained_like_scores"]
+__all__ = [
+    "synthetic_batch",
+    "SyntheticLogits",
+    "add_synthetic_logits",
+    "trained_like_scores",
+    "calibrate_batch_norms",
+]
 
 
 def synthetic_batch(
@@ -93,4 +99,30 @@ def trained_like_scores(model: nn.Module, seed: int = 0) -> nn.Module:
         model.head.cls_score.bias.fill_(-2.3)
         b = model.head.bbox_pred.weight
         b.copy_(torch.randn(b.shape, generator=g) * 0.02)
+    return model
+
+
+@torch.no_grad()
+def calibrate_batch_norms(model: nn.Module, image: torch.Tensor) -> nn.Module:
+    """Set the running statistics of every BatchNorm of ``model`` to the statistics of its input
+    on ``image`` (3, H, W), in one inference pass, as training would have made them. Without
+    this, a BatchNorm head with random weights and initial statistics (mean 0, variance 1) gives
+    activations far from a trained model's, and no detections. In place; returns ``model``."""
+
+    def set_statistics(module, inputs):
+        x = inputs[0].float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
+    handles = [m.register_forward_pre_hook(set_statistics) for m in norms]
+    try:
+        model.eval()([{"image": image}])
+    finally:
+        for h in handles:
+            h.remove()
     return model

@@ -201,9 +201,9 @@ def convert_timm_file(src: str, dst: str, *, name=None, config_file=None, opts=(
     logger.info("wrote %s (%d tensors)", dst, len(converted))
     norm = pixel_normalization(pretrained_cfg)
     if cfg is not None and norm is not None:
-        from gfocalv2.modeling.backbone.timm_backbone import _check_pixel_normalization
+        from gfocalv2.modeling.backbone.timm_backbone import check_pixel_normalization
 
-        _check_pixel_normalization(cfg, pretrained_cfg)
+        check_pixel_normalization(cfg, pretrained_cfg)
     logger.info(
         "use it with MODEL.BACKBONE.NAME build_timm_fpn_backbone MODEL.TIMM.NAME %s "
         "MODEL.TIMM.PRETRAINED False MODEL.WEIGHTS %s%s",

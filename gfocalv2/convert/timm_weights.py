@@ -57,9 +57,9 @@ def _check_name(timm, name: Optional[str]) -> str:
             "with MODEL.TIMM.NAME set"
         )
     if not timm.is_model(name):
-        from gfocalv2.modeling.backbone.timm_backbone import _close_model_names
+        from gfocalv2.modeling.backbone.timm_backbone import close_model_names
 
-        close = _close_model_names(timm, name)
+        close = close_model_names(timm, name)
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise ConversionError(
             f"--name {name!r} is not a timm {timm.__version__} model.{hint} "

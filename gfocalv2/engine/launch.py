@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import default_argument_parser
 from detectron2.engine import launch as detectron2_launch
 from detectron2.modeling import build_model
+from torch import nn
 
 from ..config_checks import ConfigError
 from ..modeling.norms import per_process_batch_norms
@@ -81,6 +82,7 @@ def check_launch(cfg, num_gpus_per_machine, num_machines=1, training=True):
         cpu_cfg = cfg.clone()
         cpu_cfg.defrost()
         cpu_cfg.MODEL.DEVICE = "cpu"
+        cpu_cfg.MODEL.TIMM.PRETRAINED = False  # the norms do not depend on the weights
         check_batch_norm(build_model(cpu_cfg).train(), cfg, world_size)
 
 
@@ -90,6 +92,19 @@ def check_batch_norm(model, cfg, world_size):
     differently, and only rank 0's statistics would be saved."""
     if world_size <= 1:
         return
+    if not _uses_cuda(cfg.MODEL.DEVICE):
+        # PyTorch's SyncBatchNorm synchronizes CUDA tensors only: on CPU its first training
+        # step would fail in every process.
+        cuda_only = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+        if cuda_only and model.training:
+            keys = [key for key, value in _norm_keys(cfg.MODEL, "MODEL") if value == "SyncBN"]
+            fix = " ".join(f"{key} naiveSyncBN" for key in keys) or "naiveSyncBN"
+            raise LaunchError(
+                f"SyncBN ({', '.join(cuda_only[:3])}"
+                f"{f' and {len(cuda_only) - 3} more' if len(cuda_only) > 3 else ''}) synchronizes "
+                f"CUDA tensors only, and these {world_size} processes run on "
+                f"{cfg.MODEL.DEVICE}: use Detectron2's CPU-capable synchronized BatchNorm ({fix})."
+            )
     names = per_process_batch_norms(model)
     if not names:
         return

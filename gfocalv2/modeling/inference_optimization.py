@@ -56,7 +56,9 @@ def fold_batchnorm(model: nn.Module) -> int:
 
     Handles Detectron2's ``Conv2d`` and :class:`DeformConv2d` (the convolutions that carry
     their norm as ``.norm``, applied right after the convolution and before the
-    activation). Returns the number of folded norms. The model must be in eval mode.
+    activation), and a plain convolution followed by its norm in an ``nn.Sequential``. The
+    BatchNorms inside timm's own blocks stay (onnxruntime folds them in an exported graph).
+    Returns the number of folded norms. The model must be in eval mode.
     """
     if model.training:
         raise ValueError(
@@ -81,6 +83,44 @@ def fold_batchnorm(model: nn.Module) -> int:
         module.norm = None
         setattr(module, FOLDED_ATTR, True)
         folded += 1
+    return folded + _fold_sequential_batchnorm(model)
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    """A convolution whose output is exactly ``conv2d(x, weight, bias)``: ``nn.Conv2d`` itself or
+    Detectron2's ``Conv2d`` without its own norm and activation (not subclasses that transform
+    their weight in ``forward``, such as weight-standardized convolutions)."""
+    if type(module) is Conv2d:
+        return module.norm is None and module.activation is None
+    return type(module) is nn.Conv2d
+
+
+def _fold_sequential_batchnorm(model: nn.Module) -> int:
+    """Fold the fixed-statistics BatchNorms that directly follow a plain convolution inside an
+    ``nn.Sequential`` (the GFocal head's towers with a BatchNorm, downsampling shortcuts), where
+    the order of the children is the order of execution. A norm fused with its activation
+    (timm's ``BatchNormAct2d``: norm, dropout, activation) leaves its dropout and activation."""
+    folded = 0
+    for sequence in list(model.modules()):
+        if not isinstance(sequence, nn.Sequential):
+            continue
+        children = list(sequence._modules.items())
+        for (_, conv), (name, norm) in zip(children, children[1:]):
+            if not (_plain_conv(conv) and statistics_fixed(norm)) or type(norm) is nn.Identity:
+                continue
+            conv.weight, conv.bias = fuse_conv_bn_weights(
+                conv.weight,
+                conv.bias,
+                norm.running_mean,
+                norm.running_var,
+                norm.eps,
+                norm.weight,
+                norm.bias,
+            )
+            rest = [getattr(norm, a) for a in ("drop", "act") if getattr(norm, a, None) is not None]
+            sequence._modules[name] = nn.Sequential(*rest) if rest else nn.Identity()
+            setattr(conv, FOLDED_ATTR, True)
+            folded += 1
     return folded
 
 

@@ -222,11 +222,14 @@ def main(args):
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch == "GFocalV2" and not cfg.MODEL.GFOCAL.DGQP_ENABLED:
         arch = "GFL (V1)"
+    backbone = f"R-{cfg.MODEL.RESNETS.DEPTH}"
+    if "timm" in cfg.MODEL.BACKBONE.NAME:
+        backbone = f"timm {cfg.MODEL.TIMM.NAME}"
     lines = [
         "",
         "=" * 78,
         f"DigitScenes {'evaluation' if args.eval_only else 'training'} done in {minutes:.1f} min: "
-        f"{arch}, R-{cfg.MODEL.RESNETS.DEPTH}-FPN, "
+        f"{arch}, {backbone}-FPN, "
         f"{cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else 'no test set'}",
     ]
     if bbox:

@@ -26,7 +26,10 @@ from gfocalv2.modeling.norms import (
     statistics_fixed,
 )
 
-PUBLISHED = sorted(glob.glob(os.path.join(REPO, "configs", "COCO-Detection", "*.yaml")))
+ALL_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "COCO-Detection", "*.yaml")))
+#: timm backbones (ConvNeXt-T, the lite config): no published model.
+TIMM_CONFIGS = [f for f in ALL_CONFIGS if "_timm_" in f or "_lite_" in f]
+PUBLISHED = [f for f in ALL_CONFIGS if f not in TIMM_CONFIGS]
 
 
 def test_num_gpus_below_one():
@@ -116,8 +119,41 @@ def test_trained_batch_norm_needs_synchronized_statistics(monkeypatch):
     with pytest.raises(LaunchError, match=r"MODEL.RESNETS.NORM SyncBN"):
         check_launch(cfg, 2)
     check_launch(cfg, 2, training=False)  # evaluation does not update the statistics
-    for norm in ("naiveSyncBN", "SyncBN", "FrozenBN", "BNEval", "GN"):
+    for norm in ("naiveSyncBN", "FrozenBN", "BNEval", "GN"):
         check_launch(gfocal_cfg("MODEL.RESNETS.NORM", norm, "SOLVER.IMS_PER_BATCH", 4), 2)
+
+
+def test_syncbn_needs_cuda_with_several_processes(monkeypatch):
+    """PyTorch's SyncBatchNorm synchronizes CUDA tensors only: several CPU processes are refused
+    before they start (each would fail at its first step), naming the key and the fix."""
+    cfg = gfocal_cfg("MODEL.RESNETS.NORM", "SyncBN", "SOLVER.IMS_PER_BATCH", 4)
+    check_launch(cfg, 1)
+    with pytest.raises(
+        LaunchError,
+        match=r"SyncBN \(backbone.bottom_up.res3.0.shortcut.norm, .*CUDA tensors "
+        r"only.*on cpu.*MODEL.RESNETS.NORM naiveSyncBN\)",
+    ):
+        check_launch(cfg, 2)
+    cfg.MODEL.DEVICE = "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_launch(cfg, 2)
+
+
+@pytest.mark.parametrize("config_file", TIMM_CONFIGS, ids=os.path.basename)
+def test_timm_configs_launch_with_several_processes(config_file, monkeypatch):
+    """The timm configs (their pretrained weights not downloaded for the check) run on several
+    GPUs; on CPU processes the lite config's SyncBN head is refused with the fix, which runs."""
+    cfg = build_cfg(config_file, ["SOLVER.IMS_PER_BATCH", 8])
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    check_launch(cfg, 8)
+    cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.GFOCAL.NORM == "SyncBN":
+        with pytest.raises(LaunchError, match="MODEL.GFOCAL.NORM naiveSyncBN"):
+            check_launch(cfg, 2)
+        cfg.MODEL.GFOCAL.NORM = "naiveSyncBN"
+    check_launch(cfg, 2)
 
 
 def test_cpu_ddp_through_detectron2s_create_ddp_model():

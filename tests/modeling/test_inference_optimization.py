@@ -13,6 +13,7 @@ from detectron2.modeling import build_model
 from gfocalv2.modeling.backbone.resnet import DeformConv2d, EvalBatchNorm2d
 from gfocalv2.modeling.inference_optimization import (
     fold_batchnorm,
+    has_folded_batchnorm,
     optimize_for_inference,
     optimized_copy,
     resolve_memory_format,
@@ -227,3 +228,39 @@ def test_checkpointer_refuses_a_folded_model(bn_model_and_images, tmp_path):
     GFocalCheckpointer(copy.deepcopy(model)).load(
         str(tmp_path / "model_plain.pth")
     )  # unoptimized: fine
+
+
+def test_conv_then_norm_in_a_sequential_is_folded_with_its_activation_kept():
+    """A plain conv followed by a fixed-statistics BatchNorm in an nn.Sequential (a BatchNorm
+    head's towers, timm's fused BatchNormAct2d) folds; a weight-standardized conv does not."""
+    from timm.layers import BatchNormAct2d, ScaledStdConv2d
+
+    torch.manual_seed(0)
+
+    def with_statistics(norm):
+        with torch.no_grad():
+            norm.running_mean.normal_(0, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.2)
+        return norm
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        with_statistics(nn.BatchNorm2d(8)),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        with_statistics(BatchNormAct2d(8, act_layer=nn.ReLU)),
+        ScaledStdConv2d(8, 8, 3, padding=1),
+        with_statistics(nn.BatchNorm2d(8)),
+    ).eval()
+    x = torch.randn(2, 3, 12, 10)
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_batchnorm(model) == 2
+        got = model(x)
+    assert isinstance(model[1], nn.Identity)
+    assert isinstance(model[4], nn.Sequential) and isinstance(model[4][-1], nn.ReLU)
+    assert isinstance(model[6], nn.BatchNorm2d)  # after a weight-standardized conv: kept
+    assert has_folded_batchnorm(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

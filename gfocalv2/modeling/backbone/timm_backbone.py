@@ -47,6 +47,8 @@ __all__ = [
     "TimmBackboneError",
     "build_timm_backbone",
     "build_timm_fpn_backbone",
+    "check_pixel_normalization",
+    "close_model_names",
     "create_timm_features",
 ]
 
@@ -97,7 +99,7 @@ def _import_timm():
     return timm
 
 
-def _close_model_names(timm, name: str, limit: int = 5) -> List[str]:
+def close_model_names(timm, name: str, limit: int = 5) -> List[str]:
     """timm model names close to ``name``: those that contain it, then by spelling."""
     names = timm.list_models()
     containing = [n for n in names if name.lower() in n]
@@ -121,7 +123,7 @@ def create_timm_features(
             "convnext_tiny (timm.list_models() lists them)"
         )
     if not timm.is_model(name):
-        close = _close_model_names(timm, name)
+        close = close_model_names(timm, name)
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise TimmBackboneError(
             f"MODEL.TIMM.NAME {name!r} is not a timm {timm.__version__} model.{hint} "
@@ -351,11 +353,11 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
         drop_path_rate=t.DROP_PATH_RATE,
     )
     if pretrained:
-        _check_pixel_normalization(cfg, backbone.model.pretrained_cfg)
+        check_pixel_normalization(cfg, backbone.model.pretrained_cfg)
     return backbone
 
 
-def _check_pixel_normalization(cfg, pretrained_cfg):
+def check_pixel_normalization(cfg, pretrained_cfg):
     """Warn when MODEL.PIXEL_MEAN/STD (0-255 RGB) are not the ones the weights were trained
     with (timm's ``pretrained_cfg`` mean/std, 0-1 scale)."""
     mean = [round(255 * m, 3) for m in pretrained_cfg.get("mean", ())]

@@ -55,7 +55,18 @@ setup(
     extras_require={
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "demo": ["scikit-learn"],
-        "test": ["pytest", "pytest-timeout", "scikit-learn", "onnx", "onnxruntime", "onnxscript"],
+        # timm backbones (build_timm_fpn_backbone) and `gfocalv2.convert timm`
+        "timm": ["timm>=1.0", "safetensors"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "scikit-learn",
+            "onnx",
+            "onnxruntime",
+            "onnxscript",
+            "timm>=1.0",
+            "safetensors",
+        ],
     },
     entry_points={
         "console_scripts": [

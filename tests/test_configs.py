@@ -30,16 +30,8 @@ PUBLISHED = [
 RECIPES = ["gfocalv2_timm_convnext_tiny_FPN_1x.yaml"]
 #: Overrides of the build test: CPU, small test images, and no download of timm weights (the
 #: key exists in every config, whatever the backbone).
-BUILD_OPTS = [
-    "MODEL.DEVICE",
-    "cpu",
-    "INPUT.MIN_SIZE_TEST",
-    "64",
-    "INPUT.MAX_SIZE_TEST",
-    "64",
-    "MODEL.TIMM.PRETRAINED",
-    "False",
-]
+BUILD_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+BUILD_OPTS += ["MODEL.TIMM.PRETRAINED", "False"]
 
 
 def _id(path):

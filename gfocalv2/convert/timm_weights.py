@@ -57,14 +57,9 @@ def _check_name(timm, name: Optional[str]) -> str:
             "with MODEL.TIMM.NAME set"
         )
     if not timm.is_model(name):
-        from gfocalv2.modeling.backbone.timm_backbone import close_model_names
+        from gfocalv2.modeling.backbone.timm_backbone import unknown_model_message
 
-        close = close_model_names(timm, name)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise ConversionError(
-            f"--name {name!r} is not a timm {timm.__version__} model.{hint} "
-            "timm.list_models('*pattern*') lists the names."
-        )
+        raise ConversionError(unknown_model_message(timm, name, "--name"))
     return name
 
 

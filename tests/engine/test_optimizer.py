@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.engine.test_trainer_faults import Killed, KillAfter
 from tests.utils.reliability import DIGITS_CONFIG, VARIED_SIZES, make_trainer, training_cfg
 
-from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine import DefaultTrainer
 from detectron2.modeling import build_model
 
 from gfocalv2.config_checks import ConfigValueError
@@ -167,17 +168,6 @@ def test_bad_betas_fail_when_the_config_is_built(betas):
 
 
 # ------------------------------------------------------------------------------ resume
-class Killed(BaseException):
-    pass
-
-
-class KillAfter(HookBase):
-    def __init__(self, iteration):
-        self.iteration = iteration
-
-    def after_step(self):
-        if self.trainer.iter == self.iteration:
-            raise Killed()
 
 
 ADAMW_OPTS = ["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.001", "SOLVER.STEPS", "(3,)"]

@@ -19,7 +19,8 @@ the ResNet configs (``MODEL.FPN.IN_FEATURES: ["res3", "res4", "res5"]``) work un
   per process), "SyncBN" (synchronized over the processes, CUDA; timm's
   ``convert_sync_batchnorm``, which keeps timm's fused norm+activation layers), "naiveSyncBN"
   (Detectron2's ``NaiveSyncBatchNorm``, CPU and CUDA, activation kept; for training from
-  scratch with several processes). BatchNorms in frozen layers are always in eval mode. LayerNorm and GroupNorm (ConvNeXt, Swin) have no statistics and train.
+  scratch with several processes). BatchNorms in frozen layers are always in eval mode.
+  LayerNorm and GroupNorm (ConvNeXt, Swin) have no statistics and train.
 * Input size: images are padded to a multiple of the coarsest feature stride (the model's
   ``size_divisibility``). Models whose pretrained configuration declares a fixed input size
   (Swin) are built with ``strict_img_size=False`` and checked on a probe image of another
@@ -50,6 +51,7 @@ __all__ = [
     "check_pixel_normalization",
     "close_model_names",
     "create_timm_features",
+    "unknown_model_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,7 +96,8 @@ def _import_timm():
         import timm
     except ImportError as e:  # pragma: no cover - timm is in requirements.txt
         raise TimmBackboneError(
-            "MODEL.BACKBONE.NAME build_timm_fpn_backbone needs timm: pip install timm"
+            "MODEL.BACKBONE.NAME build_timm_fpn_backbone needs timm: pip install 'timm>=1.0' "
+            "(or this package with its [timm] extra)"
         ) from e
     return timm
 
@@ -105,6 +108,16 @@ def close_model_names(timm, name: str, limit: int = 5) -> List[str]:
     containing = [n for n in names if name.lower() in n]
     spelled = difflib.get_close_matches(name.lower(), names, n=limit, cutoff=0.6)
     return list(dict.fromkeys(spelled + containing))[:limit]
+
+
+def unknown_model_message(timm, name: str, where: str) -> str:
+    """What to say when ``where`` (a config key, a command-line option) names no timm model."""
+    close = close_model_names(timm, name)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return (
+        f"{where} {name!r} is not a timm {timm.__version__} model.{hint} "
+        "timm.list_models('*pattern*') lists the names."
+    )
 
 
 def create_timm_features(
@@ -123,12 +136,7 @@ def create_timm_features(
             "convnext_tiny (timm.list_models() lists them)"
         )
     if not timm.is_model(name):
-        close = close_model_names(timm, name)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise TimmBackboneError(
-            f"MODEL.TIMM.NAME {name!r} is not a timm {timm.__version__} model.{hint} "
-            "timm.list_models('*pattern*') lists the names."
-        )
+        raise TimmBackboneError(unknown_model_message(timm, name, "MODEL.TIMM.NAME"))
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
     fixed_size = bool(timm.models.get_pretrained_cfg_value(name, "fixed_input_size"))

@@ -102,6 +102,10 @@ class GFocalHead(nn.Module):
 
         self.cls_subnet = tower()
         self.bbox_subnet = tower()
+        # C channels. The authors' GFLV2 has C + 1 (QualityFocalLoss(use_sigmoid=False)), the last
+        # trained to 0 on every anchor: a class that never occurs, whose joint score only adds a
+        # small, vanishing push-down of the quality. Left out on purpose (README "The model, in
+        # numbers"); the converter drops it from their checkpoints.
         self.cls_score = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, 4 * (reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in input_shape])

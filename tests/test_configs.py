@@ -27,7 +27,7 @@ PUBLISHED = [
     "gfl_R_50_FPN_1x.yaml",
 ]
 #: COCO configs of other backbones, with a training recipe but no published GFocalV2 result.
-RECIPES = ["gfocalv2_timm_convnext_tiny_FPN_1x.yaml"]
+RECIPES = ["gfocalv2_timm_convnext_tiny_FPN_1x.yaml", "gfocalv2_lite_lcnet_FPN_320.yaml"]
 #: Overrides of the build test: CPU, small test images, and no download of timm weights (the
 #: key exists in every config, whatever the backbone).
 BUILD_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
@@ -151,3 +151,19 @@ def test_timm_convnext_tiny_recipe():
     assert cfg.INPUT.FORMAT == "RGB"
     assert list(cfg.MODEL.PIXEL_MEAN) == pytest.approx([255 * m for m in pretrained["mean"]])
     assert list(cfg.MODEL.PIXEL_STD) == pytest.approx([255 * v for v in pretrained["std"]])
+
+
+def test_lite_config_is_nanodet_plus_recipe_with_the_measured_model():
+    """The real-time config: NanoDet-Plus-m 320's head and AdamW recipe (numbers and source in the
+    yaml), the backbone, head norm and candidates chosen by measurement (BENCHMARKS.md)."""
+    cfg = build_cfg(str(REPO / "configs" / "COCO-Detection" / RECIPES[1]), ["MODEL.DEVICE", "cpu"])
+    assert (cfg.MODEL.TIMM.NAME, cfg.MODEL.FPN.OUT_CHANNELS) == ("lcnet_100.ra2_in1k", 96)
+    g = cfg.MODEL.GFOCAL
+    assert list(g.IN_FEATURES) == ["p3", "p4", "p5", "p6"]
+    assert (g.NUM_CONVS, g.NORM, g.REG_MAX, g.TOPK_CANDIDATES_TEST) == (2, "SyncBN", 7, 100)
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (320, 320)
+    s = cfg.SOLVER
+    assert (s.OPTIMIZER, s.BASE_LR, s.WEIGHT_DECAY, s.IMS_PER_BATCH) == ("AdamW", 0.001, 0.05, 96)
+    assert (s.WARMUP_ITERS, s.WARMUP_FACTOR, s.LR_SCHEDULER_NAME) == (500, 1e-4, "WarmupCosineLR")
+    assert s.CLIP_GRADIENTS.ENABLED and s.CLIP_GRADIENTS.CLIP_VALUE == 35.0
+    assert s.MAX_ITER == 366000  # 300 epochs of 117,266 images at 96 per batch

@@ -17,7 +17,11 @@ from tests.utils.reliability import dump, register, write_coco
 from gfocalv2.engine import build_cfg
 
 COCO = REPO / "configs" / "COCO-Detection"
-PUBLISHED = sorted(p.name for p in COCO.glob("*.yaml"))
+#: The authors' published models (the timm ConvNeXt-T and lite configs have recipes of their own,
+#: AdamW: tests/test_configs.py).
+PUBLISHED = sorted(
+    p.name for p in COCO.glob("*.yaml") if "_timm_" not in p.name and "_lite_" not in p.name
+)
 BASE = REPO / "configs" / "Base-GFocalV2.yaml"
 DIGITS_BASE = DIGITS_PROJECT / "configs" / "Base-DigitScenes.yaml"
 

@@ -92,11 +92,14 @@ def finish(proc, timeout, logs=None):
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGUSR1)
-            time.sleep(_STACK_DUMP_S)
-        except ProcessLookupError:
-            pass
+        # One process at a time: dumps written at once interleave in the shared output.
+        for pid in _process_group(proc.pid):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+                time.sleep(0.3)
+            except ProcessLookupError:
+                pass
+        time.sleep(_STACK_DUMP_S)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -117,6 +120,22 @@ def run(argv, timeout, script=None, env=None, module=HARNESS, logs=None):
     start_time = time.monotonic()
     code, out = finish(start(argv, script, env, module), timeout, logs)
     return code, out, time.monotonic() - start_time
+
+
+def _process_group(pgid):
+    """The pids of process group ``pgid``, the group leader first (from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            members.append(int(entry))
+    return sorted(members, key=lambda pid: pid != pgid)
 
 
 def _dump_stacks_on_sigusr1():

@@ -97,6 +97,11 @@ def _atomic_write(path, write, mode):
         prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
     )
     try:
+        # mkstemp creates the file owner-only (0600); give it what open() would (0666 less the
+        # umask), as Detectron2's plain torch.save does.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -1,7 +1,6 @@
 """Reading a source checkpoint, and converting one file into a Detectron2 checkpoint."""
 
 import logging
-import os
 from collections import OrderedDict
 from typing import Dict, Tuple
 
@@ -162,20 +161,13 @@ def convert_file(
 
 
 def _save_atomically(obj, dst: str):
-    """Write ``obj`` to ``dst`` through a temporary file: never a partial ``dst``. The file gets
-    the permissions of a plain ``torch.save`` (0666 less the umask)."""
+    """Write ``obj`` to ``dst`` through a temporary file: never a partial ``dst``."""
     from gfocalv2.checkpoint import atomic_torch_save
 
     try:
         atomic_torch_save(obj, dst)
     except OSError as e:
         raise ConversionError(f"cannot write {dst}: {e}") from e
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(dst, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 def convert_timm_file(src: str, dst: str, *, name=None, config_file=None, opts=()):

@@ -30,7 +30,7 @@ import gfocalv2.modeling  # noqa: E402,F401  (registers GFocalV2 and its backbon
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from digit_scenes import register_digit_scenes  # noqa: E402
+from digit_scenes import register_variants  # noqa: E402
 from gfocalv2.engine import Trainer, setup_cfg, workflow_argument_parser  # noqa: E402
 from gfocalv2.checkpoint import checkpointer_for  # noqa: E402
 from gfocalv2.engine.launch import launch_from_args  # noqa: E402
@@ -190,10 +190,8 @@ def main(args):
         name="digit_scenes",
         abbrev_name="digits",
     )
-    if any(
-        n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    ):
-        register_digit_scenes(args.data_root)  # generates the data at first use
+    # generates the data at first use
+    register_variants(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), args.data_root)
     output_dir = os.path.abspath(cfg.OUTPUT_DIR)
 
     if args.eval_only:
@@ -278,9 +276,6 @@ if __name__ == "__main__":
     args.opts = _opts_with_variant(args)
 
     def generate_data(cfg):  # once, before the processes start (each then reads the cached files)
-        if any(
-            n.startswith("digit_scenes") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-        ):
-            register_digit_scenes(args.data_root)
+        register_variants(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), args.data_root)
 
     launch_from_args(main, args, prepare=generate_data)

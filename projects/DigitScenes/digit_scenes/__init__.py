@@ -6,6 +6,8 @@ generated deterministically at first use and cached under
 registered in Detectron2's catalogs as two COCO-format datasets:
 
 * ``digit_scenes_train`` (2000 images), ``digit_scenes_val`` (200 images), classes "0".."9".
+* ``digit_scenes_crowded_train`` / ``_val``: the same sizes, 6-14 digits per scene, 12-64 px,
+  boxes overlapping (:data:`CROWDED_PARAMS`), cached next to it (``.../digit_scenes_crowded``).
 
 Usage::
 
@@ -26,7 +28,14 @@ import shutil
 import tempfile
 import time
 
-from .generate import CLASS_NAMES, DEFAULT_PARAMS, GENERATOR_VERSION, generate_dataset, params_stamp
+from .generate import (
+    CLASS_NAMES,
+    CROWDED_PARAMS,
+    DEFAULT_PARAMS,
+    GENERATOR_VERSION,
+    generate_dataset,
+    params_stamp,
+)
 
 __all__ = [
     "CLASS_NAMES",
@@ -35,6 +44,9 @@ __all__ = [
     "default_root",
     "prepare",
     "register_digit_scenes",
+    "register_variants",
+    "variant_of",
+    "VARIANTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -124,3 +136,27 @@ def register_digit_scenes(root=None, params=None, prefix="digit_scenes"):
         # thing_classes set here too, so that demos and visualisers have them before loading.
         register_coco_instances(name, {"thing_classes": list(CLASS_NAMES)}, json_file, image_root)
     return names
+
+
+#: The variants by dataset-name prefix: their parameters on top of DEFAULT_PARAMS.
+VARIANTS = {"digit_scenes": {}, "digit_scenes_crowded": CROWDED_PARAMS}
+
+
+def variant_of(dataset_name):
+    """The variant (a key of :data:`VARIANTS`) that ``dataset_name`` belongs to, or None."""
+    for prefix in sorted(VARIANTS, key=len, reverse=True):  # digit_scenes_crowded first
+        if dataset_name in (f"{prefix}_train", f"{prefix}_val"):
+            return prefix
+    return None
+
+
+def register_variants(dataset_names, data_root=None):
+    """Generate (if needed) and register every DigitScenes variant that ``dataset_names`` use.
+
+    ``data_root`` is the folder of the plain variant (default :func:`default_root`); the others
+    live next to it, named after their prefix (``datasets/digit_scenes_crowded``).
+    """
+    base = os.path.abspath(data_root or default_root())
+    for prefix in sorted({variant_of(n) for n in dataset_names} - {None}):
+        root = base if prefix == "digit_scenes" else os.path.join(os.path.dirname(base), prefix)
+        register_digit_scenes(root, VARIANTS[prefix], prefix=prefix)

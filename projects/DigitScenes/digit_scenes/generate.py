@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 __all__ = [
+    "CROWDED_PARAMS",
     "DEFAULT_PARAMS",
     "GENERATOR_VERSION",
     "CLASS_NAMES",
@@ -41,7 +42,26 @@ DEFAULT_PARAMS = {
     "image_size": 160,
     "min_size": 16,  # digit height range in pixels (the ink box height)
     "max_size": 56,
-    "max_digits": 5,  # 1..max_digits digits per scene
+    "min_digits": 1,  # min_digits..max_digits digits per scene (fewer when they do not fit)
+    "max_digits": 5,
+    # None: digits kept 2 px apart, so that no two boxes overlap. A number: boxes may overlap up
+    # to this IoU, provided that the inks barely touch (max_ink_overlap below): crowded scenes
+    # whose boxes still each show one whole digit.
+    "max_box_iou": None,
+    # With max_box_iou: the most of a digit's ink (fraction of its pixels) that a digit drawn
+    # later may cover, and the most of the new digit's ink that may fall on earlier ink.
+    "max_ink_overlap": 0.05,
+}
+
+#: The crowded variant (``digit_scenes_crowded``): 6-14 digits per scene at more varied scales,
+#: boxes overlapping up to IoU 0.5, inks by up to 15 % (the DGQP study, docs/analysis.md).
+CROWDED_PARAMS = {
+    "min_digits": 6,
+    "max_digits": 14,
+    "min_size": 12,
+    "max_size": 64,
+    "max_box_iou": 0.5,
+    "max_ink_overlap": 0.15,
 }
 
 _INK_THRESHOLD = 0.25  # of the digit's max intensity; below it the digit is fully transparent
@@ -92,14 +112,42 @@ def _background(rng, size):
     return img
 
 
+def _fits(box, alpha, boxes, ink, ink_areas, top, left, params):
+    """Whether a digit (XYXY ``box``, ``alpha`` (h, w) placed at ``top``, ``left``) may join the
+    scene's ``boxes`` (their ink map ``ink`` and ink pixel counts ``ink_areas``)."""
+    b = np.asarray(boxes)
+    if params["max_box_iou"] is None:
+        # Keep digits apart (2 px gap) so that every box shows one whole digit.
+        near = (
+            (box[0] < b[:, 2] + 2)
+            & (b[:, 0] < box[2] + 2)
+            & (box[1] < b[:, 3] + 2)
+            & (b[:, 1] < box[3] + 2)
+        )
+        return not near.any()
+    inter_w = np.clip(np.minimum(box[2], b[:, 2]) - np.maximum(box[0], b[:, 0]), 0, None)
+    inter_h = np.clip(np.minimum(box[3], b[:, 3]) - np.maximum(box[1], b[:, 1]), 0, None)
+    inter = inter_w * inter_h
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    iou = inter / ((box[2] - box[0]) * (box[3] - box[1]) + areas - inter)
+    if (iou > params["max_box_iou"]).any():
+        return False
+    # Ink drawn over: each earlier digit keeps almost all of its strokes, so its box stays exact.
+    h, w = alpha.shape
+    under = ink[top : top + h, left : left + w][alpha > 0]
+    covered = np.bincount(under, minlength=len(boxes) + 1)[1:]
+    limit = params["max_ink_overlap"]
+    return covered.sum() <= limit * len(under) and (covered <= limit * np.asarray(ink_areas)).all()
+
+
 def _draw_scene(rng, glyphs, labels, pool, params):
     """Returns the RGB uint8 image, the XYXY boxes, the classes and an ink map (H, W) int32:
     0 for background, i + 1 where digit i has ink (alpha > 0)."""
     size = params["image_size"]
     img = _background(rng, size)
     ink = np.zeros((size, size), dtype=np.int32)
-    boxes, classes = [], []
-    n_digits = int(rng.integers(1, params["max_digits"] + 1))
+    boxes, classes, ink_areas = [], [], []
+    n_digits = int(rng.integers(params["min_digits"], params["max_digits"] + 1))
     log_lo, log_hi = np.log(params["min_size"]), np.log(params["max_size"])
     for _ in range(n_digits):
         for _attempt in range(20):
@@ -118,17 +166,8 @@ def _draw_scene(rng, glyphs, labels, pool, params):
             top = int(rng.integers(0, size - bh + 1))
             left = int(rng.integers(0, size - bw + 1))
             box = np.array([left, top, left + bw, top + bh], dtype=np.float64)
-            # Keep digits apart (2 px gap) so that every box shows one whole digit.
-            if boxes:
-                b = np.asarray(boxes)
-                overlap = (
-                    (box[0] < b[:, 2] + 2)
-                    & (b[:, 0] < box[2] + 2)
-                    & (box[1] < b[:, 3] + 2)
-                    & (b[:, 1] < box[3] + 2)
-                )
-                if overlap.any():
-                    continue
+            if boxes and not _fits(box, alpha, boxes, ink, ink_areas, top, left, params):
+                continue
             colour = rng.uniform(0.0, 0.45, size=3).astype(np.float32)
             region = img[top : top + bh, left : left + bw]
             a = alpha[..., None]
@@ -136,6 +175,7 @@ def _draw_scene(rng, glyphs, labels, pool, params):
             ink[top : top + bh, left : left + bw][alpha > 0] = len(boxes) + 1
             boxes.append(box)
             classes.append(int(labels[k]))
+            ink_areas.append(int((alpha > 0).sum()))
             break
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, boxes, classes, ink

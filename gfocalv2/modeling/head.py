@@ -13,6 +13,18 @@ from torch import Tensor, nn
 __all__ = ["GFocalHead", "Scale", "DistributionGuidedQualityPredictor"]
 
 
+def _init_normal(module: nn.Module) -> None:
+    """The authors' head init: every conv N(0, 0.01) with bias 0, every GroupNorm 1 and 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, mean=0.0, std=0.01)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0.0)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, 0.0)
+
+
 class Scale(nn.Module):
     """A learnable scalar multiplier (one per pyramid level), initialized to ``init``."""
 
@@ -109,21 +121,16 @@ class GFocalHead(nn.Module):
         self.cls_score = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, 4 * (reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in input_shape])
-        self.dgqp = (
-            DistributionGuidedQualityPredictor(reg_max, dgqp_topk, dgqp_add_mean, dgqp_channels)
-            if dgqp_enabled
-            else None
-        )
-
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, mean=0.0, std=0.01)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0.0)
-            elif isinstance(module, nn.GroupNorm):
-                nn.init.constant_(module.weight, 1.0)
-                nn.init.constant_(module.bias, 0.0)
+        _init_normal(self)
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+        # Built and initialized last, so that with the same seed GFocalV2 and GFL (V1) start from
+        # the same weights everywhere else: a seeded comparison differs by the DGQP alone.
+        self.dgqp = None
+        if dgqp_enabled:
+            self.dgqp = DistributionGuidedQualityPredictor(
+                reg_max, dgqp_topk, dgqp_add_mean, dgqp_channels
+            )
+            _init_normal(self.dgqp)
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 RUFF_VERSION := 0.17.5
 
-.PHONY: install demo test test-slow lint format clean-venv analyze
+.PHONY: install demo test test-slow lint format clean-venv analyze dgqp-study
 
 install: $(STAMP)
 
@@ -54,6 +54,15 @@ analyze: install
 	  --register-coco digit_scenes_val $(DIGITS_DATA)/val.json $(DIGITS_DATA)/val \
 	  --results $(ANALYZE_RUNS)/gfocalv2/$(ANALYZE_RESULTS) $(ANALYZE_RUNS)/gfl/$(ANALYZE_RESULTS) \
 	  --labels GFLV2 GFLV1 --output output/analysis
+
+# Does the DGQP help? GFocalV2 against GFL (V1), 5 seeds each, on DigitScenes and its crowded
+# variant, paired by seed (docs/analysis.md): 20 trainings, about 100 min on 2 CPU cores (two at
+# a time); finished runs are reused. Then the checkpoints along training. Writes
+# output/dgqp_study/report.md. DGQP_STUDY_ARGS adds options and KEY VALUE overrides.
+DGQP_STUDY_ARGS ?=
+
+dgqp-study: install
+	$(PY) tools/dgqp_study.py --curve --output output/dgqp_study $(DGQP_STUDY_ARGS)
 
 # Lint and formatting (ruff, settings in pyproject.toml); `make format` rewrites the files.
 lint: install

@@ -116,3 +116,71 @@ def test_register_digit_scenes(tiny):
     classes = np.concatenate([[a["category_id"] for a in d["annotations"]] for d in dicts])
     assert classes.min() >= 0 and classes.max() <= 9  # contiguous ids 0..9 for "0".."9"
     assert register_digit_scenes(tiny, TINY_PARAMS, prefix="test_digits") == names  # idempotent
+
+
+def test_crowded_scenes_overlap_within_their_limits():
+    """The crowded variant: many digits at varied scales whose boxes overlap (IoU <= 0.5), each
+    box still the extent of one digit whose strokes stay visible."""
+    from projects.DigitScenes.digit_scenes.generate import (
+        CROWDED_PARAMS,
+        DEFAULT_PARAMS,
+        _draw_scene,
+        _load_digits,
+        _split_indices,
+    )
+
+    params = {**DEFAULT_PARAMS, **CROWDED_PARAMS}
+    glyphs, labels = _load_digits()
+    pool, _ = _split_indices(len(glyphs), 0)
+    rng = np.random.default_rng(3)
+    counts, max_ious, heights = [], [], []
+    for _ in range(30):
+        _, boxes, classes, ink = _draw_scene(rng, glyphs, labels, pool, params)
+        b = np.asarray(boxes)
+        counts.append(len(b))
+        heights += list(b[:, 3] - b[:, 1])
+        # IoU of every pair, written out here
+        x0, y0 = np.maximum(b[:, None, 0], b[None, :, 0]), np.maximum(b[:, None, 1], b[None, :, 1])
+        x1, y1 = np.minimum(b[:, None, 2], b[None, :, 2]), np.minimum(b[:, None, 3], b[None, :, 3])
+        inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        iou = inter / (area[:, None] + area[None, :] - inter)
+        np.fill_diagonal(iou, 0)
+        max_ious += list(iou.max(axis=1))
+        for i, (bx0, by0, bx1, by1) in enumerate(boxes):
+            ys, xs = np.nonzero(ink == i + 1)  # its visible ink: inside its box, spanning most
+            assert bx0 <= xs.min() and xs.max() < bx1 and by0 <= ys.min() and ys.max() < by1
+            assert xs.max() + 1 - xs.min() >= 0.8 * (bx1 - bx0)
+            assert ys.max() + 1 - ys.min() >= 0.8 * (by1 - by0)
+    max_ious = np.asarray(max_ious)
+    assert max_ious.max() <= CROWDED_PARAMS["max_box_iou"] + 1e-9
+    assert (max_ious > 0).mean() > 0.3 and (max_ious > 0.1).mean() > 0.03  # they do overlap
+    assert np.mean(counts) > 8 and max(counts) <= CROWDED_PARAMS["max_digits"]
+    assert min(heights) < 16 and max(heights) > 48  # wider than DigitScenes' 16-56
+
+
+def test_default_scenes_unchanged_by_the_crowded_options(tiny):
+    """The new parameters' defaults draw what DigitScenes drew before them: digits 2 px apart
+    (and the same files, which test_generation_is_deterministic pins within a version)."""
+    with open(os.path.join(tiny, "train.json")) as f:
+        coco = json.load(f)
+    boxes = {}
+    for a in coco["annotations"]:
+        boxes.setdefault(a["image_id"], []).append(a["bbox"])
+    for bs in boxes.values():
+        for i, (x, y, w, h) in enumerate(bs):
+            for x2, y2, w2, h2 in bs[i + 1 :]:
+                apart = x + w + 2 <= x2 or x2 + w2 + 2 <= x or y + h + 2 <= y2 or y2 + h2 + 2 <= y
+                assert apart
+
+
+def test_variants_are_registered_by_the_names_a_config_uses(tmp_path):
+
+    from projects.DigitScenes.digit_scenes import VARIANTS, register_variants, variant_of
+
+    assert variant_of("digit_scenes_crowded_val") == "digit_scenes_crowded"
+    assert variant_of("digit_scenes_train") == "digit_scenes"
+    assert variant_of("coco_2017_val") is None and variant_of("digit_scenes_crowded") is None
+    assert set(VARIANTS) == {"digit_scenes", "digit_scenes_crowded"}
+    register_variants(["coco_2017_train"], str(tmp_path / "digit_scenes"))
+    assert not (tmp_path / "digit_scenes").exists()  # nothing of DigitScenes used: no data

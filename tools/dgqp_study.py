@@ -96,6 +96,12 @@ def get_parser():
     )
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples")
     parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="also evaluate each run's intermediate checkpoints (SOLVER.CHECKPOINT_PERIOD) and "
+        "report the paired difference along training",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="analyze the finished runs, train nothing"
     )
     add_register_coco_argument(parser)
@@ -103,9 +109,11 @@ def get_parser():
     return parser
 
 
-def run_command(args, dataset, detector_opts, seed, output_dir):
-    """The train_digits.py command line of one run."""
+def run_command(args, dataset, detector_opts, seed, output_dir, weights=None):
+    """The train_digits.py command line of one run; with ``weights``, of its evaluation."""
     cmd = [sys.executable, TRAIN_SCRIPT, "--config-file", args.config_file, "--num-vis", "0"]
+    if weights:
+        cmd += ["--eval-only"]
     if args.data_root:
         cmd += ["--data-root", args.data_root]
     for name, json_file, image_dir in args.register_coco or []:
@@ -119,6 +127,7 @@ def run_command(args, dataset, detector_opts, seed, output_dir):
         "SEED",
         str(seed),
         *args.opts,
+        *(["MODEL.WEIGHTS", weights] if weights else []),
         "OUTPUT_DIR",
         output_dir,
     ]
@@ -140,20 +149,52 @@ def _is_done(output_dir, cmd):
     return stamp.get("command") == _stamp(cmd) and os.path.isfile(os.path.join(output_dir, RESULTS))
 
 
+def mark_done(output_dir, cmd):
+    """Record that the run ``cmd`` finished in ``output_dir`` (see :func:`_is_done`)."""
+    with open(os.path.join(output_dir, STAMP), "w") as f:
+        json.dump({"command": _stamp(cmd)}, f, indent=1)
+
+
 def plan_runs(args):
-    """[(dataset, detector key, seed, output_dir, command)] in the order they train: seed by
-    seed, so that an interrupted study has complete pairs."""
+    """The runs ({dataset, detector, seed, iteration (None: the trained model), out, cmd}) in
+    the order they train: seed by seed, so that an interrupted study has complete pairs."""
     runs = []
     for dataset, seed in itertools.product(args.datasets, args.seeds):
         for key, _, opts in DETECTORS:
             out = os.path.abspath(os.path.join(args.output, dataset, key, f"seed{seed}"))
-            runs.append((dataset, key, seed, out, run_command(args, dataset, opts, seed, out)))
+            cmd = run_command(args, dataset, opts, seed, out)
+            runs.append(
+                {"dataset": dataset, "detector": key, "seed": seed, "iteration": None}
+                | {"out": out, "cmd": cmd}
+            )
     return runs
+
+
+def plan_curve(args, runs):
+    """The evaluations of every finished run's intermediate checkpoints (``model_<iter>.pth``,
+    saved every SOLVER.CHECKPOINT_PERIOD): runs as :func:`plan_runs`', with ``iteration`` set."""
+    opts = {key: o for key, _, o in DETECTORS}
+    evals = []
+    for run in runs:
+        if not _is_done(run["out"], run["cmd"]):
+            continue
+        for name in sorted(os.listdir(run["out"])):
+            m = re.fullmatch(r"model_(\d+)\.pth", name)
+            if not m:
+                continue
+            iteration = int(m.group(1)) + 1
+            out = os.path.join(run["out"], f"eval_iter{iteration}")
+            weights = os.path.join(run["out"], name)
+            cmd = run_command(
+                args, run["dataset"], opts[run["detector"]], run["seed"], out, weights
+            )
+            evals.append({**run, "iteration": iteration, "out": out, "cmd": cmd})
+    return evals
 
 
 def train_all(runs, jobs):
     """Train the runs that are not done, ``jobs`` at a time; returns the failed output dirs."""
-    todo = [r for r in runs if not _is_done(r[3], r[4])]
+    todo = [r for r in runs if not _is_done(r["out"], r["cmd"])]
     print(f"[dgqp-study] {len(runs) - len(todo)} of {len(runs)} runs already done", flush=True)
     threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -161,12 +202,16 @@ def train_all(runs, jobs):
     done = 0
     while todo or running:
         while todo and len(running) < jobs:
-            dataset, key, seed, out, cmd = todo.pop(0)
+            run = todo.pop(0)
+            out, cmd = run["out"], run["cmd"]
+            name = f"{run['dataset']} {run['detector']} seed {run['seed']}"
+            if run["iteration"] is not None:
+                name += f" (evaluation at iteration {run['iteration']})"
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "study_stdout.log"), "w")
-            print(f"[dgqp-study] start {dataset} {key} seed {seed}: {shlex.join(cmd)}", flush=True)
+            print(f"[dgqp-study] start {name}: {shlex.join(cmd)}", flush=True)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-            running.append((proc, log, out, cmd, f"{dataset} {key} seed {seed}"))
+            running.append((proc, log, out, cmd, name))
         time.sleep(2)
         for item in list(running):
             proc, log, out, cmd, name = item
@@ -177,9 +222,8 @@ def train_all(runs, jobs):
             done += 1
             minutes = (time.perf_counter() - started) / 60
             if proc.returncode == 0 and os.path.isfile(os.path.join(out, RESULTS)):
-                with open(os.path.join(out, STAMP), "w") as f:
-                    json.dump({"command": _stamp(cmd)}, f, indent=1)
-                print(f"[dgqp-study] done {name} ({done} trained, {minutes:.1f} min)", flush=True)
+                mark_done(out, cmd)
+                print(f"[dgqp-study] done {name} ({done} run, {minutes:.1f} min)", flush=True)
             else:
                 failed.append(out)
                 print(
@@ -293,6 +337,24 @@ def format_report(report):
                 + f" | {e['leads']} of {e['pairs']} | {_fmt(e.get('sign_flip_p'), '.3f')} |"
             )
         lines.append("")
+        if d.get("curve"):
+            lines += [
+                f"During training (the intermediate checkpoints; the last row is the trained "
+                f"model): mean over the paired seeds, {label_a} - {label_b}",
+                "",
+                "| iteration | AP difference | 95 % paired bootstrap | ahead | "
+                "pearson difference |",
+                "|---|---|---|---|---|",
+            ]
+            for it, c in [*d["curve"].items(), ("final", s)]:
+                ap, pe = c["metrics"]["ap"], c["metrics"]["pearson"]
+                ci = ap.get("bootstrap_95")
+                lines.append(
+                    f"| {it} | {_fmt(ap['difference'], '+.2f')} | "
+                    + (f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "n/a")
+                    + f" | {ap['leads']} of {ap['pairs']} | {_fmt(pe['difference'], '+.4f')} |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -304,15 +366,24 @@ def build_report(args, runs):
     }
     for dataset in args.datasets:
         gt = load_ground_truth(f"{dataset}_val", os.path.join(args.output, dataset))
-        per_run = {}
-        for ds, key, seed, out, cmd in runs:
-            if ds == dataset and _is_done(out, cmd):
-                per_run.setdefault(key, {})[seed] = measure_run(gt, os.path.join(out, RESULTS))
+        by_iteration = {}  # iteration (None: final) -> detector -> seed -> metrics
+        for run in runs:
+            if run["dataset"] == dataset and _is_done(run["out"], run["cmd"]):
+                metrics = measure_run(gt, os.path.join(run["out"], RESULTS))
+                by_iteration.setdefault(run["iteration"], {}).setdefault(run["detector"], {})[
+                    run["seed"]
+                ] = metrics
+        per_run = by_iteration.pop(None, {})
+        summary = summarize(per_run, args.seeds, args.bootstrap)
         report["datasets"][dataset] = {
             "runs": {k: {str(s): v for s, v in r.items()} for k, r in per_run.items()},
-            "summary": summarize(per_run, args.seeds, args.bootstrap),
+            "summary": summary,
+            "seeds": summary["seeds"],
+            "curve": {
+                str(it): summarize(by_iteration[it], args.seeds, args.bootstrap)
+                for it in sorted(by_iteration)
+            },
         }
-        report["datasets"][dataset]["seeds"] = report["datasets"][dataset]["summary"]["seeds"]
     return report
 
 
@@ -349,6 +420,10 @@ def main(argv=None):
         )
     runs = plan_runs(args)
     failed = [] if args.report_only else train_all(runs, args.jobs)
+    if args.curve:
+        evals = plan_curve(args, runs)
+        failed += [] if args.report_only else train_all(evals, args.jobs)
+        runs = runs + evals
     report = build_report(args, runs)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "report.json"), "w") as f:

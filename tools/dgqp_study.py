@@ -16,7 +16,7 @@ data in the same order. Runs go to ``OUTPUT/<dataset>/<detector>/seed<seed>``; a
 predictions exist and whose command was the same is not trained again (an interrupted study
 continues where it stopped). ``--jobs`` runs train side by side, the CPU threads shared.
 
-Per run: COCO AP and AP75, and the Pearson / Spearman correlation between the score and the IoU
+Per run: COCO AP, AP50 and AP75, and the Pearson / Spearman correlation between the score and the IoU
 with the best ground truth (detections with IoU >= 0.5), as ``python -m gfocalv2.analyze``
 computes them. Per dataset: each detector's mean and standard deviation over the seeds, the mean
 of the paired differences (GFocalV2 - GFL (V1), seed by seed) with a 95 % paired bootstrap
@@ -58,7 +58,7 @@ DETECTORS = (
     ("gfocalv2", "GFocalV2", []),
     ("gfl", "GFL (V1)", ["MODEL.GFOCAL.DGQP_ENABLED", "False"]),
 )
-METRICS = ("ap", "ap75", "pearson", "spearman")
+METRICS = ("ap", "ap50", "ap75", "pearson", "spearman")
 RESULTS = os.path.join("inference", "coco_instances_results.json")
 STAMP = "study_run.json"
 CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
@@ -257,10 +257,12 @@ def measure_run(gt, results_path):
     """{metric: value} of one run's predictions (AP and AP75 in points, correlations)."""
     with open(results_path) as f:
         if not json.load(f):  # no detection at all (an untrained model): AP 0, no correlation
-            return {"ap": 0.0, "ap75": 0.0, "pearson": float("nan"), "spearman": float("nan")}
+            nan = float("nan")
+            return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "pearson": nan, "spearman": nan}
     r = analyze_results(gt, load_results(results_path, gt))
     return {
         "ap": float(r["coco"]["ap"]),
+        "ap50": float(r["coco"]["ap50"]),
         "ap75": float(r["coco"]["ap75"]),
         "pearson": float(r["quality"]["pearson"]),
         "spearman": float(r["quality"]["spearman"]),

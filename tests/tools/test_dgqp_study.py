@@ -40,13 +40,19 @@ def test_summary_pairs_seeds_and_skips_missing_correlations():
     nan = float("nan")
     per_run = {
         "gfocalv2": {
-            0: {"ap": 50.0, "ap75": 40.0, "pearson": 0.8, "spearman": nan},
-            1: {"ap": 52.0, "ap75": 45.0, "pearson": 0.7, "spearman": 0.5},
-            2: {"ap": 60.0, "ap75": 60.0, "pearson": 0.9, "spearman": 0.9},  # no GFL pair
+            0: {"ap": 50.0, "ap50": 60.0, "ap75": 40.0, "pearson": 0.8, "spearman": nan},
+            1: {"ap": 52.0, "ap50": 60.0, "ap75": 45.0, "pearson": 0.7, "spearman": 0.5},
+            2: {
+                "ap": 60.0,
+                "ap50": 60.0,
+                "ap75": 60.0,
+                "pearson": 0.9,
+                "spearman": 0.9,
+            },  # no GFL pair
         },
         "gfl": {
-            0: {"ap": 49.0, "ap75": 41.0, "pearson": 0.6, "spearman": 0.4},
-            1: {"ap": 54.0, "ap75": 42.0, "pearson": 0.5, "spearman": 0.6},
+            0: {"ap": 49.0, "ap50": 60.0, "ap75": 41.0, "pearson": 0.6, "spearman": 0.4},
+            1: {"ap": 54.0, "ap50": 60.0, "ap75": 42.0, "pearson": 0.5, "spearman": 0.6},
         },
     }
     s = dgqp_study.summarize(per_run, [0, 1, 2], 200)

@@ -16,8 +16,8 @@ data in the same order. Runs go to ``OUTPUT/<dataset>/<detector>/seed<seed>``; a
 predictions exist and whose command was the same is not trained again (an interrupted study
 continues where it stopped). ``--jobs`` runs train side by side, the CPU threads shared.
 
-Per run: COCO AP, AP50 and AP75, and the Pearson / Spearman correlation between the score and the IoU
-with the best ground truth (detections with IoU >= 0.5), as ``python -m gfocalv2.analyze``
+Per run: COCO AP, AP50 and AP75, and the Pearson / Spearman correlation between the score and
+the IoU with the best ground truth (detections with IoU >= 0.5), as ``python -m gfocalv2.analyze``
 computes them. Per dataset: each detector's mean and standard deviation over the seeds, the mean
 of the paired differences (GFocalV2 - GFL (V1), seed by seed) with a 95 % paired bootstrap
 interval, the number of seeds where GFocalV2 leads, and the exact two-sided sign-flip

@@ -57,12 +57,13 @@ analyze: install
 
 # Does the DGQP help? GFocalV2 against GFL (V1), 5 seeds each, on DigitScenes and its crowded
 # variant, paired by seed (docs/analysis.md): 20 trainings, about 100 min on 2 CPU cores (two at
-# a time); finished runs are reused. Then the checkpoints along training. Writes
-# output/dgqp_study/report.md. DGQP_STUDY_ARGS adds options and KEY VALUE overrides.
+# a time); finished runs are reused. Then the checkpoints along training, and GFocalV2 without
+# its quality factor. Writes output/dgqp_study/report.md. DGQP_STUDY_ARGS adds options and
+# KEY VALUE overrides.
 DGQP_STUDY_ARGS ?=
 
 dgqp-study: install
-	$(PY) tools/dgqp_study.py --curve --output output/dgqp_study $(DGQP_STUDY_ARGS)
+	$(PY) tools/dgqp_study.py --curve --quality-check --output output/dgqp_study $(DGQP_STUDY_ARGS)
 
 # Lint and formatting (ruff, settings in pyproject.toml); `make format` rewrites the files.
 lint: install

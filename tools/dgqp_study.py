@@ -26,6 +26,8 @@ interval, the number of seeds where GFocalV2 leads, and the exact two-sided sign
 """
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import logging
@@ -100,6 +102,12 @@ def get_parser():
         action="store_true",
         help="also evaluate each run's intermediate checkpoints (SOLVER.CHECKPOINT_PERIOD) and "
         "report the paired difference along training",
+    )
+    parser.add_argument(
+        "--quality-check",
+        action="store_true",
+        help="also evaluate each trained GFocalV2 without its quality factor, and report the "
+        "factor's spread (what the DGQP contributes to the ranking)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="analyze the finished runs, train nothing"
@@ -234,6 +242,67 @@ def train_all(runs, jobs):
     return failed
 
 
+def quality_factor_check(run):
+    """What a GFocalV2 run's DGQP contributes at test time, from its trained model: the spread
+    of its quality factor q = sigmoid(DGQP output) over the locations whose score passes the
+    test threshold (percentiles 5, 50, 95), and its AP with the score = the classification
+    alone (q left out), next to its AP. Cached in ``<run>/quality_check.json``."""
+    path = os.path.join(run["out"], "quality_check.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    import torch
+    from detectron2.data import build_detection_test_loader
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from detectron2.modeling import build_model
+
+    import gfocalv2.modeling  # noqa: F401  (registers GFocalV2)
+    from gfocalv2.checkpoint import load_weights
+    from gfocalv2.engine import build_cfg
+
+    cfg = build_cfg(
+        os.path.join(run["out"], "config.yaml"),
+        ["MODEL.WEIGHTS", os.path.join(run["out"], "model_final.pth")],
+    )
+    model = load_weights(build_model(cfg), cfg).eval()
+    joint_scores, qualities = model.joint_scores, []
+
+    # Instance-level overrides of GFocalV2.joint_scores (the one place where the quality factor
+    # enters the score): the first records q where the model's own score passes the threshold,
+    # the second scores by the classification alone, as GFL (V1) does.
+    def recording(cls_logits, quality_logits):
+        scores = joint_scores(cls_logits, quality_logits)
+        passing = scores.max(dim=-1).values > model.test_score_thresh
+        qualities.append(quality_logits.float().sigmoid()[passing].flatten())
+        return scores
+
+    def classification_only(cls_logits, quality_logits):
+        return joint_scores(cls_logits, None)
+
+    dataset = cfg.DATASETS.TEST[0]
+    ap = {}
+    for name, override in (("joint", recording), ("classification_only", classification_only)):
+        model.joint_scores = override
+        evaluator = COCOEvaluator(dataset, output_dir=os.path.join(run["out"], "quality_check"))
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # pycocotools' prints
+            results = inference_on_dataset(
+                model, build_detection_test_loader(cfg, dataset), evaluator
+            )
+        ap[name] = float(results["bbox"]["AP"])
+    q = torch.cat(qualities).numpy() if qualities else np.zeros(0)
+    check = {
+        "ap": ap["joint"],
+        "ap_classification_only": ap["classification_only"],
+        "quality_percentiles_5_50_95": [float(v) for v in np.percentile(q, [5, 50, 95])]
+        if len(q)
+        else None,
+        "num_locations": int(len(q)),
+    }
+    with open(path, "w") as f:
+        json.dump(check, f, indent=1)
+    return check
+
+
 def paired_bootstrap(diffs, num, seed=0):
     """95 % percentile interval of the mean of ``diffs`` (n,) over ``num`` resamples of the
     pairs with replacement."""
@@ -339,6 +408,22 @@ def format_report(report):
                 + f" | {e['leads']} of {e['pairs']} | {_fmt(e.get('sign_flip_p'), '.3f')} |"
             )
         lines.append("")
+        if d.get("quality_check"):
+            lines += [
+                f"{label_a}'s quality factor q (the DGQP's output) at test time: its spread over "
+                "the locations that pass the score threshold, and the AP without it (score = "
+                "classification alone)",
+                "",
+                "| seed | AP | AP without q | q: 5th, 50th, 95th percentile |",
+                "|---|---|---|---|",
+            ]
+            for seed, c in d["quality_check"].items():
+                q = c["quality_percentiles_5_50_95"]
+                spread = ", ".join(f"{v:.4f}" for v in q) if q else "n/a"
+                lines.append(
+                    f"| {seed} | {c['ap']:.2f} | {c['ap_classification_only']:.2f} | {spread} |"
+                )
+            lines.append("")
         if d.get("curve"):
             lines += [
                 f"During training (the intermediate checkpoints; the last row is the trained "
@@ -377,7 +462,14 @@ def build_report(args, runs):
                 ] = metrics
         per_run = by_iteration.pop(None, {})
         summary = summarize(per_run, args.seeds, args.bootstrap)
+        checks = {}
+        if args.quality_check:
+            for run in runs:
+                final = run["iteration"] is None and run["detector"] == DETECTORS[0][0]
+                if run["dataset"] == dataset and final and _is_done(run["out"], run["cmd"]):
+                    checks[str(run["seed"])] = quality_factor_check(run)
         report["datasets"][dataset] = {
+            "quality_check": checks,
             "runs": {k: {str(s): v for s, v in r.items()} for k, r in per_run.items()},
             "summary": summary,
             "seeds": summary["seeds"],

@@ -159,7 +159,7 @@ def test_a_tiny_study_trains_both_detectors_per_seed_and_reuses_finished_runs(tm
     args = ["--seeds", "0", "1", "--datasets", "tiny", "--output", str(out), "--jobs", "2"]
     for split in ("train", "val"):
         args += ["--register-coco", f"tiny_{split}", *data[split]]
-    first = _run_study(args + ["--curve"] + opts, timeout=400)
+    first = _run_study(args + ["--curve", "--quality-check"] + opts, timeout=400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     runs = report["datasets"]["tiny"]["runs"]
@@ -182,7 +182,7 @@ def test_a_tiny_study_trains_both_detectors_per_seed_and_reuses_finished_runs(tm
     assert curve["2"]["metrics"]["ap"]["difference"] == pytest.approx(metrics["ap"]["difference"])
     assert (out / "tiny" / "gfl" / "seed1" / "eval_iter2" / "inference").is_dir()
 
-    again = _run_study(args + ["--curve"] + opts, timeout=120)  # nothing trained again
+    again = _run_study(args + ["--curve", "--quality-check"] + opts, timeout=120)  # nothing trained again
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "4 of 4 runs already done" in again.stdout and "run, " not in again.stdout
     assert json.loads((out / "report.json").read_text())["datasets"] == report["datasets"]
@@ -195,3 +195,44 @@ def test_unknown_dataset_is_named(capsys):
     with pytest.raises(SystemExit) as exc:
         dgqp_study.main(["--output", "/nonexistent", "OUTPUT_DIR", "x"])
     assert "--output" in str(exc.value)
+
+
+def test_quality_check_reads_the_dgqp_factor_and_scores_without_it(tmp_path):
+    """On a tiny untrained GFocalV2 whose DGQP is made constant (last layer's weights 0, bias b):
+    q is sigmoid(b) at every passing location, and leaving it out changes no ranking, so the AP
+    is the same; with the DGQP's random weights q spreads."""
+    import torch
+    from detectron2.modeling import build_model
+
+    import gfocalv2.modeling  # noqa: F401
+    from gfocalv2.data.datasets import register_coco_datasets
+    from gfocalv2.engine import build_cfg
+
+    data = make_tiny_dataset(tmp_path / "digits")
+    register_coco_datasets([("qc_tiny_val", *data["val"])])
+    opts = tiny_opts(tmp_path / "run", train_name="qc_tiny_val", test_name="qc_tiny_val")
+    cfg = build_cfg(str(REPO / "projects/DigitScenes/configs/gfocalv2_R_18_digits.yaml"), opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    os.makedirs(cfg.OUTPUT_DIR)
+    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    run = {"out": cfg.OUTPUT_DIR}
+
+    with torch.no_grad():
+        model.head.dgqp[2].weight.mul_(1e4)  # a spread of q that the checkpoint keeps
+    torch.save({"model": model.state_dict()}, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+    spread = dgqp_study.quality_factor_check(run)["quality_percentiles_5_50_95"]
+    assert spread[2] - spread[0] > 1e-3  # (the constant DGQP below: exactly 0)
+
+    os.remove(os.path.join(cfg.OUTPUT_DIR, "quality_check.json"))  # the cache
+    with torch.no_grad():
+        model.head.dgqp[2].weight.zero_()
+        model.head.dgqp[2].bias.fill_(0.4)
+    torch.save({"model": model.state_dict()}, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+    check = dgqp_study.quality_factor_check(run)
+    expected = 1 / (1 + np.exp(-0.4))
+    assert check["quality_percentiles_5_50_95"] == pytest.approx([expected] * 3, abs=1e-6)
+    assert check["num_locations"] > 0
+    assert check["ap_classification_only"] == pytest.approx(check["ap"], abs=1e-9)
+    assert dgqp_study.quality_factor_check(run) == check  # cached

@@ -182,7 +182,9 @@ def test_a_tiny_study_trains_both_detectors_per_seed_and_reuses_finished_runs(tm
     assert curve["2"]["metrics"]["ap"]["difference"] == pytest.approx(metrics["ap"]["difference"])
     assert (out / "tiny" / "gfl" / "seed1" / "eval_iter2" / "inference").is_dir()
 
-    again = _run_study(args + ["--curve", "--quality-check"] + opts, timeout=120)  # nothing trained again
+    again = _run_study(
+        args + ["--curve", "--quality-check"] + opts, timeout=120
+    )  # nothing trained again
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "4 of 4 runs already done" in again.stdout and "run, " not in again.stdout
     assert json.loads((out / "report.json").read_text())["datasets"] == report["datasets"]

@@ -217,7 +217,9 @@ def train_all(runs, jobs):
                 name += f" (evaluation at iteration {run['iteration']})"
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "study_stdout.log"), "w")
-            print(f"[dgqp-study] start {name}: {shlex.join(cmd)}", flush=True)
+            log.write(f"$ {shlex.join(cmd)}\n")  # the command, for the curious
+            log.flush()
+            print(f"[dgqp-study] start {name} (log: {log.name})", flush=True)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
             running.append((proc, log, out, cmd, name))
         time.sleep(2)

@@ -53,10 +53,13 @@ def plot_score_vs_iou(models, path):
     for ax, (label, r) in zip(axes, models):
         keep = r["iou"] >= MIN_IOU
         x, y = r["iou"][keep], r["score"][keep]
-        hb = ax.hexbin(
-            x, y, gridsize=30, extent=(MIN_IOU, 1, 0, 1), bins="log", cmap="viridis", mincnt=1
-        )
-        fig.colorbar(hb, ax=ax, label="detections (log)")
+        if len(x):  # a log colour scale has no range without any detection
+            hb = ax.hexbin(
+                x, y, gridsize=30, extent=(MIN_IOU, 1, 0, 1), bins="log", cmap="viridis", mincnt=1
+            )
+            fig.colorbar(hb, ax=ax, label="detections (log)")
+        else:
+            ax.text(0.75, 0.5, f"no detection with IoU >= {MIN_IOU}", ha="center", fontsize=9)
         if len(x) >= 2 and np.ptp(x) > 0:
             slope, intercept = np.polyfit(x, y, 1)
             line = np.array([MIN_IOU, 1.0])

@@ -15,7 +15,17 @@ RUFF_VERSION := 0.17.5
 
 install: $(STAMP)
 
+# A fresh .venv takes about 6.5 GiB (torchvision needs the CUDA build of torch) and pip unpacks
+# in the temporary folder: say so before pip fails half way with "No space left on device".
+INSTALL_GIB := 10
+DISK_CHECK := import shutil, sys, tempfile; \
+  free = {d: shutil.disk_usage(d).free / 2**30 for d in ('.', tempfile.gettempdir())}; \
+  low = ', '.join(f'{f:.1f} GiB free in {d}' for d, f in free.items() if f < $(INSTALL_GIB)); \
+  low and sys.exit(f'error: installing into $(VENV) needs about $(INSTALL_GIB) GiB of disk, ' \
+  f'only {low}. Free some space (or point TMPDIR elsewhere) and run make again.')
+
 $(STAMP): requirements.txt setup.py tools/install_detectron2.py
+	@test -x $(PY) || $(PYTHON) -c "$(DISK_CHECK)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel
 	$(PY) -m pip install -q -r requirements.txt

@@ -229,7 +229,7 @@ def main(argv=None):
                 f"{json_path} does not exist: generate it (--make, or "
                 "tools/make_coco_sized_dataset.py)"
             )
-        from tools.make_coco_sized_dataset import make_dataset
+        from make_coco_sized_dataset import make_dataset  # beside this script, on sys.path
 
         print(f"Generating {args.images} images under {args.data} ...", flush=True)
         _, _, stats = make_dataset(args.data, args.images, args.annotations)

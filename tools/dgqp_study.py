@@ -172,8 +172,7 @@ def plan_runs(args):
             out = os.path.abspath(os.path.join(args.output, dataset, key, f"seed{seed}"))
             cmd = run_command(args, dataset, opts, seed, out)
             runs.append(
-                {"dataset": dataset, "detector": key, "seed": seed, "iteration": None}
-                | {"out": out, "cmd": cmd}
+                dict(dataset=dataset, detector=key, seed=seed, iteration=None, out=out, cmd=cmd)
             )
     return runs
 

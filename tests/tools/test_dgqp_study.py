@@ -9,9 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from tests.utils.workflow import REPO, env_with_repo_on_pythonpath, make_tiny_dataset, tiny_opts
+from tests.utils.workflow import (
+    REPO,
+    env_with_repo_on_pythonpath,
+    load_tool,
+    make_tiny_dataset,
+    tiny_opts,
+)
 
-from tools import dgqp_study  # the script, a module of the tools/ folder
+dgqp_study = load_tool("dgqp_study")
 
 
 def test_sign_flip_p_value_by_hand():

@@ -3,6 +3,7 @@ dataset and a tiny, fast config. The repository root is on the import path (pyte
 ``pythonpath`` in pytest.ini), so the DigitScenes example is imported as
 ``projects.DigitScenes.digit_scenes``."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,6 +25,18 @@ TINY_PARAMS = {
     "max_size": 28,
     "max_digits": 3,
 }
+
+
+def load_tool(name):
+    """The script ``tools/<name>.py`` as a module, loaded from its file. Not ``from tools import
+    <name>``: official Detectron2 built from source installs a ``tools`` package of its own into
+    site-packages, and that package, not this repository's folder, is what the import finds."""
+    spec = importlib.util.spec_from_file_location(
+        f"gfocalv2_tools_{name}", REPO / "tools" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def env_with_repo_on_pythonpath(env=None):
